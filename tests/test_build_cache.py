@@ -1,0 +1,343 @@
+"""build_cache.py: prompts, regeneration (in-process and over HTTP), shards, reader, dry run, resume.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/test_build_cache.py
+"""
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import build_cache as bc  # noqa: E402
+from target import load_target  # noqa: E402
+
+EVAL_DIR = os.environ.get("NANOSPEC_EVAL_DIR", "/work/shared/eval_datasets")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+# the CLI settings of the tiny runs; the in-process fixture below mirrors them
+N, NEW, BS, SEED, MIN_SUP = 6, 20, 4, 0, 4
+CLI = ["configs/tiny.py", "--target=tiny-qwen3", f"--num_prompts={N}", f"--gen_max_new_tokens={NEW}", "--max_len=4096",
+       f"--gen_batch_size={BS}", f"--min_supervised={MIN_SUP}", "--cache_dtype=fp8", f"--seed={SEED}", "--device=cpu"]
+GEN = dict(max_new_tokens=NEW, temperature=0.7, top_p=0.8, top_k=20)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model is 10-100x slower with 2 threads on a shared 2-core box
+    yield load_target("tiny-qwen3")
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def chatty(tiny):
+    """The tiny target with a +0.3 logit bias on <|im_end|>: about half its answers stop within a dozen
+    tokens, greedy or sampled, so multi-turn conversations continue (the plain tiny target never stops)."""
+    t = load_target("tiny-qwen3")
+    head = t.model.lm_head
+    t.model.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True).requires_grad_(False)
+    t.model.lm_head.weight.copy_(head.weight)
+    t.model.lm_head.bias.zero_()[t.tokenizer.convert_tokens_to_ids("<|im_end|>")] = 0.3
+    return t
+
+
+def build(tiny, cache_dir, rows, cache_dtype="fp8", shard_tokens=1_000_000):
+    part = bc.build_features(tiny, rows, cache_dir, 0, cache_dtype, 4096, MIN_SUP, shard_tokens, True)
+    bc.write_manifest(tiny, cache_dir, [part], {"cache_dtype": cache_dtype, "max_len": 4096, "min_supervised": MIN_SUP})
+    return bc.CacheReader(cache_dir)
+
+
+@pytest.fixture(scope="module")
+def cache(tiny, tmp_path_factory):
+    """Answers for N builtin prompts, and a bf16 and an fp8 cache of them, built in-process."""
+    d = tmp_path_factory.mktemp("cache")
+    convs = bc.load_prompts("builtin", N, SEED)
+    bc.generate_answers(tiny, convs, list(range(N)), str(d / "answers.jsonl"), batch_size=BS, seed=SEED, **GEN)
+    rows = bc.read_answers(str(d / "answers.jsonl"))
+    return {"dir": d, "convs": convs, "rows": rows,
+            "bf16": build(tiny, str(d / "bf16"), rows, "bf16"), "fp8": build(tiny, str(d / "fp8"), rows, "fp8")}
+
+
+def fp8_bound(x, n):
+    """|decode(encode(x)) - x| <= 2^-4 |x| + 2^-10 amax/448 per element (derivation in encode_features)."""
+    amax = x.reshape(len(x), n, -1).abs().amax(-1, keepdim=True).expand(-1, -1, x.shape[-1] // n).reshape(x.shape)
+    return 2 ** -4 * x.abs() + 2 ** -10 * amax / 448 + 1e-6 * x.abs()  # + fp32 rounding of x/s and q*s
+
+
+def test_builtin_prompts_deterministic_varied_and_disjoint_from_eval():
+    """Builtin prompts: same seed same list, other seed other list, thousands distinct, several
+    templates and some multi-turn; no prompt equals or is contained in an eval prompt (or vice versa)."""
+    a, b, c = bc.builtin_prompts(3000, 0), bc.builtin_prompts(3000, 0), bc.builtin_prompts(3000, 1)
+    assert a == b and a != c
+    firsts = [conv[0]["content"] for conv in a]
+    assert len(set(firsts)) == 3000 and len({f.split()[0] for f in firsts}) >= 10
+    assert 200 < sum(len(conv) > 1 for conv in a) < 900
+    files = glob.glob(os.path.join(EVAL_DIR, "*.jsonl"))
+    if not files:
+        pytest.skip(f"no eval prompts in {EVAL_DIR}")
+    evals = [t for f in files for line in open(f) for t in json.loads(line)["turns"]]
+    mine = {m["content"] for conv in a + c for m in conv}
+    assert not mine & set(evals)
+    sentences = lambda texts: {s.strip() for t in texts for s in re.split(r"[.?!\n]", t) if len(s.strip()) > 25}
+    assert not sentences(mine) & sentences(evals)
+    blob = "\x00".join(mine)
+    assert not [e for e in evals if len(e) > 25 and e in blob]
+
+
+def test_fp8_error_bound_and_bf16_exact():
+    """fp8 e4m3 with a scale per (token, layer) stays within 2^-4|x| + 2^-10 amax/448 of x (and the bound
+    is nearly reached, so a coarser format would fail); bf16 equals a plain bf16 cast bit for bit."""
+    torch.manual_seed(0)
+    T, n, H = 37, 5, 48
+    mag = 10 ** (torch.rand(T, n, 1) * 10 - 6)  # per (token, layer) magnitudes from 1e-6 to 1e4
+    x = (torch.randn(T, n, H) * mag).reshape(T, n * H)
+    x[0, :H] = 0  # an all-zero layer
+    x[1, 3] = 1e-30  # a value deep below its row's amax
+    payload, scales = bc.encode_features(x, n, "fp8")
+    assert payload.dtype == torch.float8_e4m3fn and scales.shape == (T, n) and scales.dtype == torch.float32
+    y = bc.decode_features(payload, scales, n)
+    err = (y - x).abs()
+    assert (err <= fp8_bound(x, n)).all()
+    normal = x.abs() > 2 ** -6 * fp8_bound(x, n).max()  # not needed to be tight, only some elements
+    assert (err[normal] / x.abs()[normal]).max() > 2 ** -5
+    p16, s16 = bc.encode_features(x, n, "bf16")
+    assert s16 is None and torch.equal(bc.decode_features(p16, s16, n), x.to(torch.bfloat16).float())
+    with pytest.raises(ValueError):
+        bc.encode_features(x, n, "fp16")
+
+
+def test_bf16_cache_is_bit_exact_and_last_hidden_only_at_labels(tiny, cache):
+    """A bf16 cache returns exactly the bf16 cast of target.features recomputed now: taps at every token,
+    last_hidden where label_mask = 1 and zeros elsewhere; ids and loss mask equal the rendering."""
+    reader = cache["bf16"]
+    assert len(reader) == N and [reader[i]["sample_id"] for i in range(N)] == list(range(N))
+    for i in range(N):
+        rec, row = reader[i], cache["rows"][i]
+        ids, loss_mask, label_mask = bc.render_sample(tiny, row["messages"], 4096, row["finish_reason"] == "length")
+        taps, last = tiny.features(ids[None])
+        assert torch.equal(rec["input_ids"], ids) and torch.equal(rec["loss_mask"], loss_mask)
+        assert torch.equal(rec["taps"], taps[0].to(torch.bfloat16).float())
+        lab = label_mask.bool()
+        assert lab.sum() >= MIN_SUP - 1 and (~lab).any()
+        assert torch.equal(rec["last_hidden"][lab], last[0][lab].to(torch.bfloat16).float())
+        assert (rec["last_hidden"][~lab] == 0).all()
+
+
+def test_fp8_cache_within_bound_and_online_equals_offline(tiny, cache):
+    """make_record (online mode) gives the very tensors the reader gives (bf16 and fp8), and fp8 taps
+    stay within the e4m3 bound of the fp32 features."""
+    for dt in ("bf16", "fp8"):
+        for i in (0, N - 1):
+            row, rec = cache["rows"][i], cache[dt][i]
+            online = bc.make_record(tiny, row["messages"], row["sample_id"], 4096, dt, row["finish_reason"] == "length")
+            assert online.keys() == rec.keys()
+            assert all(torch.equal(online[k], rec[k]) for k in rec if k != "sample_id")
+    rec = cache["fp8"][2]
+    taps = tiny.features(rec["input_ids"][None])[0][0]
+    assert (rec["taps"] - taps).abs().max() > 0 and ((rec["taps"] - taps).abs() <= fp8_bound(taps, 5)).all()
+
+
+def test_truncated_answer_end_of_turn_not_supervised(tiny):
+    """An answer cut by max_new_tokens keeps its content supervised but not the template's end-of-turn."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
+    _, full, _ = bc.render_sample(tiny, msgs, 4096, False)
+    ids, cut, _ = bc.render_sample(tiny, msgs, 4096, True)
+    last = int(full.nonzero()[-1])
+    assert int(ids[last]) in tiny.eos_token_ids and cut[last] == 0 and cut.sum() == full.sum() - 1
+
+
+def test_answers_resume_after_kill_and_independent_of_batching(chatty, tmp_path, monkeypatch):
+    """A run killed after k batches (plus a half-written line) and restarted writes the same file as an
+    uninterrupted run; a different batch size gives the same answers (seeded per sample), another seed
+    other answers; source assistant turns are replaced and a truncated turn ends its conversation."""
+    convs = bc.builtin_prompts(7, 3)
+    for i in (1, 2, 3, 5):
+        convs[i] = convs[i][:1] + [{"role": "assistant", "content": "old"}, {"role": "user", "content": "And then?"}]
+    full, other, killed = str(tmp_path / "full.jsonl"), str(tmp_path / "other.jsonl"), str(tmp_path / "killed.jsonl")
+    kw = dict(max_new_tokens=20, temperature=0.7, top_p=0.8, top_k=20, seed=5)
+    bc.generate_answers(chatty, convs, list(range(7)), full, batch_size=3, **kw)
+    bc.generate_answers(chatty, convs, list(range(7)), other, batch_size=2, **kw)
+    assert open(full).read() == open(other).read()
+    bc.generate_answers(chatty, convs, list(range(7)), str(tmp_path / "seed6.jsonl"), batch_size=3, **{**kw, "seed": 6})
+    assert open(full).read() != open(str(tmp_path / "seed6.jsonl")).read()
+    rows = bc.read_answers(full)
+    assert [r["sample_id"] for r in rows] == list(range(7))
+    assert sum(len(m["content"]) for r in rows for m in r["messages"] if m["role"] == "assistant") > 20
+    for i in (1, 2, 3, 5):
+        roles = [m["role"] for m in rows[i]["messages"]]
+        assert "old" not in [m["content"] for m in rows[i]["messages"]]
+        assert roles == ["user", "assistant", "user", "assistant"] or (roles == ["user", "assistant"]
+                                                                       and rows[i]["finish_reason"] == "length")
+    assert any(len(rows[i]["messages"]) == 4 for i in (1, 2, 3, 5))
+    real, calls = bc.generate_batch, []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("killed")
+        return real(*a, **k)
+    monkeypatch.setattr(bc, "generate_batch", dying)
+    with pytest.raises(RuntimeError):
+        bc.generate_answers(chatty, convs, list(range(7)), killed, batch_size=3, **kw)
+    monkeypatch.setattr(bc, "generate_batch", real)
+    with open(killed, "a") as f:
+        f.write('{"sample_id": 3, "messa')
+    assert 0 < len(bc.read_answers(killed)) < 7
+    bc.generate_answers(chatty, convs, list(range(7)), killed, batch_size=3, **kw)
+    assert open(killed).read() == open(full).read()
+
+
+def test_features_resume_after_kill_keeps_finished_shards(tiny, cache, tmp_path, monkeypatch):
+    """Shard building killed mid-way and restarted ends with byte-identical shards and index to an
+    uninterrupted run, and never recomputes a finished shard."""
+    rows = cache["rows"]
+    ref = build(tiny, str(tmp_path / "ref"), rows, "fp8", shard_tokens=200)
+    assert len(ref.manifest["shards"]) >= 3
+    real, calls = bc._features, []
+
+    def counting(*a, limit=None):
+        calls.append(1)
+        if limit is not None and len(calls) > limit:
+            raise RuntimeError("killed")
+        return real(*a)
+    d = str(tmp_path / "resumed")
+    os.makedirs(d)
+    monkeypatch.setattr(bc, "_features", lambda *a: counting(*a, limit=N // 2 + 1))
+    with pytest.raises(RuntimeError):
+        build(tiny, d, rows, "fp8", shard_tokens=200)
+    done = [np.load(f)[:, 0].tolist() for f in sorted(glob.glob(os.path.join(d, "*.idx.npy")))]
+    assert done, "the kill should come after at least one finished shard"
+    calls.clear()
+    monkeypatch.setattr(bc, "_features", counting)
+    build(tiny, d, rows, "fp8", shard_tokens=200)
+    assert len(calls) == N - sum(len(s) for s in done)
+    for f in os.listdir(str(tmp_path / "ref")):
+        if f.startswith("rank"):
+            assert open(os.path.join(d, f), "rb").read() == open(str(tmp_path / "ref" / f), "rb").read()
+
+
+def test_corrupt_or_mismatched_cache_fails_with_rebuild_hint(cache, tmp_path):
+    """Bad JSON, wrong magic, missing or resized shard, wrong target / taps: SystemExit naming the
+    problem and the build_cache.py command that rebuilds the cache."""
+    src = str(cache["dir"] / "fp8")
+    reader = bc.CacheReader(src)
+    with pytest.raises(SystemExit, match="target is 'tiny-qwen3'.*python build_cache.py <config> --cache_dir=<a new"):
+        reader.validate(target_name="smollm2")
+    with pytest.raises(SystemExit, match=r"layer_ids is \[0, 1, 2, 3, 4\].*--cache_dir=" + src):
+        reader.validate(target_name="tiny-qwen3", layer_ids=[1, 2, 3, 4, 5])
+    reader.validate("tiny-qwen3", [0, 1, 2, 3, 4], 64)
+
+    def broken(edit, why):
+        d = str(tmp_path / why.replace(" ", "_").replace(",", ""))
+        shutil.copytree(src, d)
+        edit(d)
+        with pytest.raises(SystemExit, match=why + r".*python build_cache.py <config> --cache_dir=" + d):
+            bc.CacheReader(d)
+    man = lambda d: os.path.join(d, "manifest.json")
+    broken(lambda d: open(man(d), "w").write("{not json"), "cannot read manifest")
+    magic = lambda d: open(man(d)).read().replace("nanospec-cache", "other")
+    broken(lambda d: (lambda text: open(man(d), "w").write(text))(magic(d)), "not a nanospec")
+    broken(lambda d: os.remove(os.path.join(d, "rank0_shard00000.bin")), "missing")
+    broken(lambda d: open(os.path.join(d, "rank0_shard00000.bin"), "ab").write(b"x"), "bytes, not")
+    broken(lambda d: os.remove(os.path.join(d, "rank0_shard00000.idx.npy")), "malformed")
+
+
+class ChatServer(BaseHTTPRequestHandler):
+    """A minimal OpenAI-compatible /v1/chat/completions around the tiny target, greedy at batch 1."""
+    target = None
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path != "/v1/chat/completions" or body["temperature"] != 0:
+            self.send_error(400)
+            return
+        t = self.target
+        ids = t.render_prompt(body["messages"])
+        eos = sorted(t.eos_token_ids)
+        out = t.model.generate(ids[None], max_new_tokens=body["max_tokens"], do_sample=False, eos_token_id=eos,
+                               pad_token_id=eos[0])[0, len(ids):].tolist()
+        stop = next((i for i, x in enumerate(out) if x in eos), None)
+        text = t.tokenizer.decode(out[:stop], skip_special_tokens=True)
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text},
+                                        "finish_reason": "length" if stop is None else "stop"}],
+                           "usage": {"completion_tokens": len(out)}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_server_regeneration_equals_in_process_at_temperature_0(chatty, tmp_path):
+    """Answers through a real HTTP server (thread pool, multi-turn, JSON) equal in-process batched
+    answers at temperature 0."""
+    ChatServer.target = chatty
+    server = HTTPServer(("127.0.0.1", 0), ChatServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        convs = bc.builtin_prompts(5, 7)
+        convs[2] = convs[2][:1] + [{"role": "user", "content": "Shorter please."}]
+        kw = dict(max_new_tokens=10, temperature=0.0, top_p=1.0, top_k=0, seed=0)
+        a, b = str(tmp_path / "server.jsonl"), str(tmp_path / "local.jsonl")
+        bc.generate_answers(chatty, convs, list(range(5)), a, server_url=f"http://127.0.0.1:{server.server_port}",
+                            concurrency=3, **kw)
+        bc.generate_answers(chatty, convs, list(range(5)), b, batch_size=3, **kw)
+    finally:
+        server.shutdown()
+    ra, rb = bc.read_answers(a), bc.read_answers(b)
+    assert ra == rb and len(ra) == 5
+    assert {r["finish_reason"] for r in ra} == {"stop", "length"} and any(r["messages"][1]["content"] for r in ra)
+
+
+def test_dry_run_upper_bound_holds_for_full_length_answers(tiny):
+    """The pending-prompt estimate bounds the bytes of answers that use all max_new_tokens."""
+    convs = bc.builtin_prompts(5, 2)
+    bound = bc.estimate_cache(tiny, [], convs, "fp8", 4096, MIN_SUP, 1_000_000, True, 16)
+    rows = [{"sample_id": i, "finish_reason": "length", "messages":
+             [x for m in c for x in (m, {"role": "assistant", "content": "a" * 16})]} for i, c in enumerate(convs)]
+    exact = bc.estimate_cache(tiny, rows, [], "fp8", 4096, MIN_SUP, 1_000_000, True, 16)
+    assert not bound["exact"] and exact["exact"]
+    assert exact["tokens"] <= bound["tokens"] and exact["total_bytes"] <= bound["total_bytes"] < 1.05 * exact["total_bytes"]
+
+
+def test_cli_torchrun_matches_in_process_and_dry_run_is_exact(cache, tmp_path):
+    """`torchrun --nproc_per_node=2 build_cache.py` (gloo) writes the answers and samples of a single
+    in-process run; `--dry_run` then predicts the written bytes within 1%, ends with one JSON line, and
+    `--max_bytes` below that refuses to start; another target refuses to reuse these answers."""
+    d = str(tmp_path / "ddp")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2", "build_cache.py"]
+    if not os.path.exists(cmd[0]):
+        cmd = [sys.executable, "build_cache.py"]  # no torchrun: still check the single-process CLI
+    out = subprocess.run(cmd + CLI + [f"--cache_dir={d}"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert open(os.path.join(d, "answers.jsonl")).read() == open(str(cache["dir"] / "answers.jsonl")).read()
+    a, b = bc.CacheReader(d).validate("tiny-qwen3", [0, 1, 2, 3, 4], 64), cache["fp8"]
+    assert len(a) == len(b) == N
+    for i in range(N):
+        assert all(torch.equal(a[i][k], b[i][k]) for k in ("input_ids", "loss_mask", "taps", "last_hidden"))
+    if "torchrun" in cmd[0]:
+        assert glob.glob(os.path.join(d, "rank1_shard*.bin"))
+    dry = subprocess.run([sys.executable, "build_cache.py"] + CLI + [f"--cache_dir={d}", "--dry_run", "--max_bytes=1000"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert dry.returncode != 0 and "max_bytes=1000" in dry.stderr  # refuses: the cache needs more
+    est = json.loads(dry.stdout.strip().splitlines()[-1])
+    written = sum(os.path.getsize(f) for f in glob.glob(os.path.join(d, "rank*")))
+    assert est["exact"] and abs(est["total_bytes"] - written) <= 0.01 * written
+    assert {"tokens", "supervised_tokens", "bytes_per_token", "total_bytes"} <= est.keys()
+    assert abs(est["formula_bytes_per_token"] - est["bytes_per_token"]) < 0.01 * est["bytes_per_token"]
+    other = subprocess.run([sys.executable, "build_cache.py"] + CLI + [f"--cache_dir={d}", "--target=tiny-llama",
+                           "--stage=features"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert other.returncode != 0 and "target_config_hash" in other.stderr  # answers of another target: refused
