@@ -1,0 +1,585 @@
+"""Evaluate a drafter: lossless speculative decoding of DeepSpec's nine tasks, with honest metrics.
+
+    python evaluate.py --task=gsm8k --num_prompts=5 --target=smollm2 --draft=out/demo/dspark/step_latest
+    python evaluate.py --prompt "Write a haiku about the sea"            # one prompt, its continuation and stats
+    python evaluate.py --task=all --check_greedy --out=out/report.json    # all tasks; fp32 greedy must match
+    python evaluate.py --task=all --device=cuda --dtype=bfloat16 --temperature=1.0 --max_new_tokens=2048 \\
+        --turns=1 --target=Qwen/Qwen3-4B --draft=deepseek-ai/dspark_qwen3_4b_block7 --out=out/q4b.json  # DeepSpec's
+    torchrun --nproc_per_node=8 evaluate.py --task=all --device=cuda --out=out/report.json   # prompts split
+
+Per round (batch 1): the drafter proposes a chain of k tokens after the anchor (the last committed
+token), the target scores [anchor, d1..dk] in ONE forward on its KV cache, the longest acceptable
+prefix is kept plus one bonus token from the target, the target cache is cropped to the accepted
+length and the drafter is told the accepted tokens' target features. Greedy (temperature 0) accepts
+drafts equal to the target argmax; temperature > 0 uses speculative sampling (accept_prob, residual
+below), so the output distribution is exactly the target's (warped by temperature/top-k/top-p).
+Metrics (report JSON at --out, table on stdout): tau = committed tokens per round including the bonus
+(DeepSpec's accept_len), per-slot conditional acceptance P(slot i accepted | slots < i accepted) and
+cumulative survival P(slots 0..i all accepted) (what DeepSpec prints as accept_rate@i), tokens/s of
+speculative and of plain target decoding on the same prompts, their ratio (speedup), draft/verify time.
+"""
+import json
+import os
+import random
+import sys
+import time
+import zlib
+
+import torch
+
+from configurator import configure
+from kernels import logits_to_probs
+from target import load_target
+
+# defaults (override with a configs/*.py file or --key=value)
+task = "humaneval"        # one of the nine tasks, "all", or any <name>.jsonl in data_dir
+target = ""               # "" = the target recorded in the drafter's config.json
+draft = ""                # drafter folder or hub id; "" = out/demo/dspark/step_latest, then drafters/smollm2_dspark
+temperature = 0.0         # 0 = greedy; DeepSpec's protocol is 1.0
+top_k = 0                 # 0 = off; applies to the target and the drafter alike
+top_p = 1.0
+num_prompts = 0           # 0 = DeepSpec's count for the task; N = the first N of that selection
+max_new_tokens = 256      # per turn (DeepSpec: 2048)
+block_size = 0            # drafts per round; 0 = the drafter's block_size / ttt_length
+data_dir = ""             # folder of <task>.jsonl; then $NANOSPEC_DATA_DIR, ~/.cache/nanospec/eval, the hub
+out = ""                  # report JSON path ("" = table only); <out>.partial.jsonl makes runs resumable
+save_outputs = False      # add prompt_ids and generated ids to the report
+check_greedy = False      # also decode plainly and stop at the first mismatch (fp32; other dtypes: a match rate)
+turns = 0                 # 0 = every turn (mt-bench has 2: turn 2 sees answer 1); 1 = DeepSpec's first turn only
+prompt = ""               # single prompt mode: print its continuation and stats
+device = "cpu"            # "" = cuda if available, else cpu (as train.py)
+dtype = "float32"
+seed = 0
+baseline = True           # also time plain target decoding on the same prompts (speedup)
+if __name__ == "__main__":  # not on import: train.py imports measure_tau
+    config = configure(globals())
+
+# -----------------------------------------------------------------------------
+# tasks: DeepSpec's prompt counts and hub sources (REFERENCE.md s.8); files hold {"turns": [...]} rows
+
+_BOXED = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+_LCB = ("You are an expert Python programmer. You will be given a question (problem specification) and will "
+        "generate a correct Python program that matches the specification and passes all tests. You will NOT "
+        "return anything except for the program\n\n### Question:\n")
+
+
+def _lcb_turn(r):
+    fmt = "Use the following code structure:" if r["starter_code"] else "Write your code in the following format:"
+    return (_LCB + r["question_content"] + "\n\n### Format: " + fmt + "\n```python\n" +
+            (r["starter_code"] or "# YOUR CODE HERE") + "\n```\n\n### Answer: (use the provided format with backticks)")
+
+
+def _hub_jsonl(repo, files):  # rows of jsonl files in a hub dataset repo
+    from huggingface_hub import hf_hub_download
+    return [json.loads(line) for f in files
+            for line in open(hf_hub_download(repo, f, repo_type="dataset"), encoding="utf-8") if line.strip()]
+
+
+def _hf(*args, split):
+    from datasets import load_dataset
+    return load_dataset(*args, split=split)
+
+
+# name -> (DeepSpec's prompt count, hub fetch returning a list of turn lists); fetch untested here (no network)
+TASKS = {
+    "gsm8k": (500, lambda: [[r["question"] + _BOXED] for r in _hf("openai/gsm8k", "main", split="test")]),
+    "math500": (500, lambda: [[r["problem"] + _BOXED] for r in _hf("HuggingFaceH4/MATH-500", split="test")]),
+    "aime25": (30, lambda: [[r["problem"] + _BOXED] for r in _hf("MathArena/aime_2025", split="train")]),
+    "humaneval": (164, lambda: [["Write a solution to the following problem and make sure that it passes the "
+                                 "tests:\n```python\n" + r["prompt"] + "\n```"]
+                                for r in _hf("openai/openai_humaneval", split="test")]),
+    "mbpp": (256, lambda: [[r["prompt"]] for r in _hf("google-research-datasets/mbpp", "sanitized", split="test")]),
+    "livecodebench": (500, lambda: [[_lcb_turn(r)] for r in _hub_jsonl(
+        "livecodebench/code_generation_lite", ["test.jsonl"] + [f"test{i}.jsonl" for i in range(2, 7)])]),
+    "mt-bench": (80, lambda: [list(r["prompt"]) for r in _hf("HuggingFaceH4/mt_bench_prompts", split="train")]),
+    "alpaca": (500, lambda: [[r["instruction"] + (f"\n\nInput:\n{r['input']}" if r["input"] else "")]
+                             for r in _hf("tatsu-lab/alpaca", split="train")]),
+    "arena-hard-v2": (500, lambda: [[r["prompt"]] for r in _hub_jsonl(
+        "lmarena-ai/arena-hard-auto", ["data/arena-hard-v2.0/question.jsonl"])]),
+}
+
+
+class MissingTask(Exception):
+    pass
+
+
+def task_dirs(data_dir=""):
+    return [d for d in (data_dir, os.environ.get("NANOSPEC_DATA_DIR", ""),
+                        os.path.join(os.path.expanduser("~"), ".cache", "nanospec", "eval")) if d]
+
+
+def load_task(name, data_dir="", num_prompts=0, turns=0):
+    """-> list of turn lists (strings), DeepSpec's selection: when the file has more rows than the task's
+    count, shuffle with random.Random(980406) and take the first rows; then the first num_prompts."""
+    path = next((p for p in (os.path.join(d, f"{name}.jsonl") for d in task_dirs(data_dir)) if os.path.exists(p)), None)
+    if path is None:
+        if name not in TASKS:
+            raise MissingTask(f"task '{name}': no {name}.jsonl in {task_dirs(data_dir)}; "
+                              f"known tasks: {', '.join(TASKS)}")
+        path = os.path.join(task_dirs()[-1], f"{name}.jsonl")
+        try:  # fetch once from the hub and cache in the documented format (untested here: no network)
+            rows = TASKS[name][1]()
+        except Exception as e:
+            raise MissingTask(f"task '{name}': no {name}.jsonl in {task_dirs(data_dir)} and the hub fetch failed "
+                              f"({type(e).__name__}); put the file in --data_dir") from None
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"turns": t}, ensure_ascii=False) + "\n" for t in rows)
+        os.replace(path + ".tmp", path)
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                t = json.loads(line).get("turns")
+                if not (isinstance(t, list) and t and all(isinstance(s, str) for s in t)):
+                    raise SystemExit(f"{path}:{i + 1}: each row must be {{\"turns\": [non-empty list of strings]}}")
+                rows.append(t)
+    count = TASKS[name][0] if name in TASKS else len(rows)
+    if len(rows) > count:  # DeepSpec's rule (its --seed default)
+        random.Random(980406).shuffle(rows)
+    rows = rows[:count][:num_prompts or None]
+    return [r[:turns] if turns else r for r in rows]
+
+
+# -----------------------------------------------------------------------------
+# the drafter
+
+def drafter_class(config):
+    """DeepSpec's architectures field -> our class (DSpark and DFlash share Qwen3DSparkModel)."""
+    arch = (config.get("architectures") or ["?"])[0]
+    if arch in ("Qwen3DSparkModel", "Gemma4DSparkModel"):
+        if config.get("markov_rank", 0) > 0 or config.get("enable_confidence_head"):
+            from model_dspark import DSpark
+            return DSpark
+        from model_dflash import DFlash
+        return DFlash
+    if arch in ("Qwen3Eagle3Model", "Gemma4Eagle3Model", "Eagle3DraftModel"):
+        from model_eagle3 import Eagle3
+        return Eagle3
+    raise SystemExit(f"drafter: unknown architectures {config.get('architectures')}; expected a DSpark, DFlash "
+                     f"or Eagle3 checkpoint (Qwen3DSparkModel, Qwen3Eagle3Model, ...)")
+
+
+def resolve_draft(path):
+    """A drafter folder (or hub id) -> (folder, its config.json dict)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not path:
+        found = [p for p in (os.path.join(here, "out", "demo", "dspark", "step_latest"),
+                             os.path.join(here, "drafters", "smollm2_dspark"))
+                 if os.path.exists(os.path.join(p, "config.json"))]
+        if not found:
+            raise SystemExit("evaluate: no drafter given and none trained yet: run `make demo` or "
+                             "`python train.py configs/dspark_smollm2.py`, or pass --draft=PATH")
+        path = found[0]
+    elif not os.path.isdir(path):
+        if path.count("/") != 1 or path.startswith((".", "/", "~")):
+            raise SystemExit(f"evaluate: drafter folder {path} not found; fix --draft")
+        from huggingface_hub import snapshot_download  # a hub id (untested here: no network)
+        path = snapshot_download(path, allow_patterns=["config.json", "*.safetensors"])
+    with open(os.path.join(path, "config.json")) as f:
+        return path, json.load(f)
+
+
+def target_of(config):
+    """The target a drafter was trained for, as recorded in its config.json ('' if none)."""
+    return (config.get("nanospec") or {}).get("target_name") or config.get("target_model_name_or_path") or ""
+
+
+def load_drafter(path, target):
+    """Load our or DeepSpec's checkpoint for `target` (class from config.json), on the target's device/dtype."""
+    path, cfg = resolve_draft(path)
+    Cls = drafter_class(cfg)
+    tc, c = target.config, cfg.get("text_config", cfg)
+    L = len(target.layers)
+    fix = f"pass the --target it was trained for ({target_of(cfg) or 'see its config.json'})"
+    for key, want in (("hidden_size", tc.hidden_size), ("vocab_size", tc.vocab_size), ("num_target_layers", L)):
+        if c.get(key, want) != want:
+            raise SystemExit(f"drafter {path} has {key}={c[key]} but target {target.name} has {want}: {fix}")
+    ids = [int(i) for i in c.get("target_layer_ids", target.layer_ids)]
+    if max(ids) >= L - 1 or min(ids) < 0:
+        raise SystemExit(f"drafter {path} taps layers {ids} but target {target.name} has {L} layers: {fix}")
+    if ids != list(target.layer_ids):
+        raise SystemExit(f"drafter {path} taps layers {ids} but the target was loaded with {target.layer_ids}: "
+                         f"load it with load_target(..., layer_ids={ids})")
+    model = Cls.from_pretrained(path, target=target)
+    return model.to(device=target.device, dtype=target.embed_weight.dtype).eval()
+
+
+def drafter_block_size(drafter):
+    return int(getattr(drafter, "block_size", 0) or getattr(drafter, "ttt_length", 0) or 7)
+
+
+# -----------------------------------------------------------------------------
+# acceptance rules: small pure functions (Leviathan et al. 2023, Chen et al. 2023)
+#
+# Why speculative sampling is lossless: a draft d ~ q is kept with probability min(1, p(d)/q(d)), else a token
+# is drawn from r = max(0, p - q) / Z. The chance to emit x is
+#     q(x) min(1, p(x)/q(x)) + P(reject) r(x) = min(p, q)(x) + (1 - sum min(p, q)) max(0, p - q)(x) / Z,
+# and Z = sum max(0, p - q) = 1 - sum min(p, q), so it is min(p, q)(x) + max(0, p - q)(x) = p(x). Slot i+1 is only
+# reached when slot i kept its draft, i.e. when the prefix is exactly what the target would have drawn, so by
+# induction the whole sequence is distributed as the target's; when all k drafts are kept, the bonus token is
+# drawn from p itself. Greedy is the special case p, q one-hot: keep d iff d is the target argmax.
+
+def greedy_accept(target_argmax, drafts):
+    """target_argmax [k], drafts [k] -> number of leading drafts equal to the target's greedy token."""
+    return int((drafts == target_argmax).long().cumprod(0).sum())
+
+
+def accept_prob(p_target, p_draft):
+    """Chance to keep a draft: min(1, p(d) / q(d)) elementwise (p, q = target/draft probabilities of d)."""
+    return torch.clamp(p_target / p_draft, max=1.0)
+
+
+def sample_accept(p_target, p_draft, drafts, u):
+    """p_target [k, V], p_draft [k, V] (the distributions the drafts were drawn from), drafts [k], u [k]
+    uniform in [0, 1) -> number of leading drafts kept: slot i keeps d_i iff u_i < min(1, p(d_i)/q(d_i))."""
+    p = p_target.gather(-1, drafts[:, None])[:, 0]
+    q = p_draft.gather(-1, drafts[:, None])[:, 0].clamp_min(1e-30)  # q(d) > 0: d was drawn from q
+    return int((u < accept_prob(p, q)).long().cumprod(0).sum())
+
+
+def residual(p_target, p_draft):
+    """Distribution after a rejection: normalize(max(0, p - q)) over the last dim; p where it vanishes
+    (p == q: a rejection then has probability 0, only rounding can get here)."""
+    r = (p_target - p_draft).clamp_min(0)
+    z = r.sum(-1, keepdim=True)
+    return torch.where(z > 0, r / z.clamp_min(1e-30), p_target)
+
+
+def sample_token(logits, temperature, top_k, top_p, generator):
+    """One token from the target's warped distribution (logits [V]); argmax at temperature 0."""
+    if temperature == 0:
+        return int(logits.argmax())
+    return int(torch.multinomial(logits_to_probs(logits, temperature, top_k, top_p), 1, generator=generator))
+
+
+def verify_chain(logits, drafts, q, temperature, top_k, top_p, generator):
+    """Target logits [k+1, V] at [anchor, d1..dk], drafts [k], their draft distributions q [k, V]
+    -> (n accepted drafts, bonus token): the residual sample after a rejection, else a target sample."""
+    k = len(drafts)
+    if temperature == 0:
+        g = logits.argmax(-1)  # [k+1] target greedy token after each prefix
+        n = greedy_accept(g[:k], drafts)
+        return n, int(g[n])
+    p = logits_to_probs(logits, temperature, top_k, top_p)  # [k+1, V] fp32
+    u = torch.rand(k, generator=generator, device=p.device)
+    n = sample_accept(p[:k], q.to(p), drafts, u)
+    dist = p[k] if n == k else residual(p[n], q[n].to(p))
+    return n, int(torch.multinomial(dist, 1, generator=generator))
+
+
+# -----------------------------------------------------------------------------
+# decoding loops (batch 1)
+
+def _clock(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
+
+
+@torch.no_grad()
+def speculative_generate(target, drafter, prompt_ids, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
+                         block_size=0, generator=None):
+    """prompt_ids [T] -> dict(ids: new tokens (ending at EOS or the budget, exactly as plain decoding),
+    rounds: [(proposed, accepted, committed)] per target verify, draft_s, verify_s, total_s)."""
+    K, eos, dev = block_size or drafter_block_size(drafter), target.eos_token_ids, target.device
+    warp = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    t0 = _clock(dev)
+    logits, taps, cache = target.forward(prompt_ids[None].to(dev), logits_to_keep=1)  # prefill: [1,1,V], [1,T,nH]
+    token = sample_token(logits[0, -1], generator=generator, **warp)                   # first token: the target's
+    t1 = _clock(dev)
+    state = drafter.start(prompt_ids.to(dev), taps[0])
+    draft_s, verify_s, out, rounds = _clock(dev) - t1, t1 - t0, [token], []
+    while out[-1] not in eos and len(out) < max_new_tokens:
+        ta = _clock(dev)
+        drafts, q, _ = drafter.propose(state, token, K, generator=generator, **warp)  # [k], [k, V]
+        tb = _clock(dev)
+        ids = torch.cat([torch.tensor([token], device=dev), drafts.to(dev)])[None]   # [1, k+1]: anchor, drafts
+        logits, taps, cache = target.forward(ids, cache)                              # verify: [1, k+1, V]
+        n, bonus = verify_chain(logits[0], ids[0, 1:], q, generator=generator, **warp)
+        if n < len(drafts):  # keep anchor + accepted drafts (a tree would index_select its accepted path here)
+            cache.crop(n - len(drafts))  # transformers 5: crop(-m) drops the last m positions
+        tc = _clock(dev)
+        emit = ids[0, 1:n + 1].tolist() + [bonus]
+        hit = next((i for i, x in enumerate(emit) if x in eos), None)
+        if hit is not None:
+            emit = emit[:hit + 1]  # stop after the end-of-turn token
+        proposed, accepted = len(drafts), n
+        if hit is not None and hit < n:  # EOS was an accepted draft: the slots after it do not count (as DeepSpec)
+            proposed = accepted = hit + 1
+        emit = emit[:max_new_tokens - len(out)]
+        out += emit
+        rounds.append((proposed, accepted, len(emit)))
+        token = bonus
+        if hit is None and len(out) < max_new_tokens:
+            drafter.commit(state, ids[0, :n + 1], taps[0, :n + 1])  # the anchor and accepted drafts now have features
+        td = _clock(dev)
+        draft_s, verify_s = draft_s + (tb - ta) + (td - tc), verify_s + (tc - tb)
+    return dict(ids=out, rounds=rounds, draft_s=draft_s, verify_s=verify_s, total_s=_clock(dev) - t0)
+
+
+@torch.no_grad()
+def plain_generate(target, prompt_ids, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    """Target-only decoding, one forward per token on an HF DynamicCache (the baseline) -> (ids, seconds)."""
+    from transformers import DynamicCache
+    dev, cache, warp = target.device, DynamicCache(), dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    t0 = _clock(dev)
+    x = prompt_ids[None].to(dev)
+    out = []
+    while not out or (out[-1] not in target.eos_token_ids and len(out) < max_new_tokens):
+        logits = target.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1).logits  # [1, 1, V]
+        out.append(sample_token(logits[0, -1].float(), generator=generator, **warp))
+        x = torch.tensor([[out[-1]]], device=dev)
+    return out, _clock(dev) - t0
+
+
+# -----------------------------------------------------------------------------
+# metrics: additive counters (pooled over rounds, prompts, tasks and ranks), then rates
+
+def tally(rounds, K):
+    """[(proposed, accepted, committed)] -> counters. Slot i (0-based) is 'proposed' in a round with more than i
+    drafts, 'reached' when also all slots before it were accepted, 'accepted' when it was kept."""
+    c = {"rounds": len(rounds), "committed": sum(r[2] for r in rounds), "proposed": sum(r[0] for r in rounds),
+         "slot_proposed": [0] * K, "slot_reached": [0] * K, "slot_accepted": [0] * K}
+    for k, n, _ in rounds:
+        for i in range(min(k, K)):
+            c["slot_proposed"][i] += 1
+            c["slot_reached"][i] += n >= i
+            c["slot_accepted"][i] += n > i
+    return c
+
+
+def merge(counters):
+    """Sum counter dicts: numbers, and the slot_* lists elementwise (padded); other keys are not counters."""
+    total = {}
+    for c in counters:
+        for key, v in c.items():
+            if key.startswith("slot_"):
+                a = total.get(key, [])
+                n = max(len(a), len(v))
+                total[key] = [x + y for x, y in zip(a + [0] * (n - len(a)), v + [0] * (n - len(v)))]
+            elif isinstance(v, (int, float)) and key != "index":
+                total[key] = total.get(key, 0) + v
+    return total
+
+
+def rates(c):
+    """Counters -> the reported metrics (units in the names: seconds, tokens per second)."""
+    div = lambda a, b: a / b if b else None
+    r = {"tau": div(c.get("committed", 0), c.get("rounds", 0)),       # DeepSpec's accept_len
+         "rounds": c.get("rounds", 0), "new_tokens": c.get("new_tokens", 0),
+         "mean_proposal_len": div(c.get("proposed", 0), c.get("rounds", 0)),
+         # the paper's Fig. 2: P(slot i kept | slots < i kept)
+         "accept_rate_conditional": [div(a, n) for a, n in zip(c.get("slot_accepted", []), c.get("slot_reached", []))],
+         # survival P(slots 0..i all kept), DeepSpec's printed accept_rate@i
+         "accept_rate_cumulative": [div(a, n) for a, n in zip(c.get("slot_accepted", []), c.get("slot_proposed", []))],
+         "tokens_per_s": div(c.get("new_tokens", 0), c.get("spec_s", 0)),
+         "baseline_tokens_per_s": div(c.get("base_tokens", 0), c.get("base_s", 0)),
+         "draft_s": c.get("draft_s", 0.0), "verify_s": c.get("verify_s", 0.0), "total_s": c.get("spec_s", 0.0),
+         "prompts": c.get("prompts", 0), "turns": c.get("turns", 0)}
+    r["speedup"] = div(r["tokens_per_s"], r["baseline_tokens_per_s"]) if r["tokens_per_s"] else None
+    if c.get("greedy_checked"):
+        r["greedy_match_rate"] = c.get("greedy_matched", 0) / c["greedy_checked"]  # turns equal to plain greedy
+    return r
+
+
+# -----------------------------------------------------------------------------
+# evaluation of prompts
+
+def messages_of(p):
+    return [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+
+
+def check_length(target, ids, max_new_tokens, K, where):
+    ctx = getattr(target.config, "max_position_embeddings", None)
+    if ctx and len(ids) + max_new_tokens + K + 1 > ctx:
+        raise SystemExit(f"evaluate: {where} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} and {K} "
+                         f"drafts it needs {len(ids) + max_new_tokens + K + 1} positions but {target.name} has "
+                         f"{ctx}: lower --max_new_tokens, or drop the prompt from a copy of the file in --data_dir")
+
+
+def run_prompt(target, drafter, turn_texts, cfg, K, gen_seed, where="prompt"):
+    """All turns of one prompt (turn t+1 sees the speculative answer of turn t) -> a record of counters."""
+    strict = cfg["check_greedy"] and target.embed_weight.dtype == torch.float32
+    if cfg["check_greedy"] and cfg["temperature"] != 0:
+        raise SystemExit("evaluate: check_greedy needs --temperature=0 (it compares with plain greedy decoding)")
+    warp = {k: cfg[k] for k in ("temperature", "top_k", "top_p")}
+    dev, messages, recs = target.device, [], []
+    for t, text in enumerate(turn_texts):
+        messages.append({"role": "user", "content": text})
+        ids = target.render_prompt(messages)
+        check_length(target, ids, cfg["max_new_tokens"], K, f"{where} turn {t + 1}")
+        g = torch.Generator(dev).manual_seed(gen_seed + t)
+        res = speculative_generate(target, drafter, ids, cfg["max_new_tokens"], block_size=K, generator=g, **warp)
+        rec = dict(tally(res["rounds"], K), new_tokens=len(res["ids"]), spec_s=res["total_s"],
+                   draft_s=res["draft_s"], verify_s=res["verify_s"], turns=1)
+        plain = None
+        if cfg["baseline"]:
+            g.manual_seed(gen_seed + t + 7919)
+            plain, rec["base_s"] = plain_generate(target, ids, cfg["max_new_tokens"], generator=g, **warp)
+            rec["base_tokens"] = len(plain)
+        if cfg["temperature"] == 0 and (cfg["check_greedy"] or cfg["baseline"]):
+            if plain is None:
+                plain, _ = plain_generate(target, ids, cfg["max_new_tokens"])
+            rec["greedy_checked"], rec["greedy_matched"] = 1, int(plain == res["ids"])
+            if strict and plain != res["ids"]:
+                pos = next((i for i, (a, b) in enumerate(zip(plain, res["ids"])) if a != b),
+                           min(len(plain), len(res["ids"])))
+                raise SystemExit(f"check_greedy: {where} turn {t + 1}: speculative output differs from plain greedy at "
+                                 f"new token {pos} ({res['ids'][pos:pos + 1]} vs {plain[pos:pos + 1]})")
+        rec["ids"], rec["prompt_ids"] = res["ids"], ids.tolist()
+        recs.append(rec)
+        answer = [x for x in res["ids"] if x not in target.eos_token_ids]
+        messages.append({"role": "assistant", "content": target.tokenizer.decode(answer, skip_special_tokens=True)})
+    out = merge(recs)
+    out.update(prompts=1, prompt_ids=recs[0]["prompt_ids"], outputs=[r["ids"] for r in recs])
+    return out
+
+
+def measure_tau(target, drafter, prompts, max_new_tokens=128, temperature=0.0, block_size=0, seed=0):
+    """In-training tau (train.py): prompts = list of strings or message lists (ending with a user turn)
+    -> rates (tau, accept_rate_conditional, accept_rate_cumulative, ...). No baseline, no greedy check."""
+    K = block_size or drafter_block_size(drafter)
+    recs = []
+    for i, p in enumerate(prompts):
+        ids = target.render_prompt(messages_of(p))
+        g = torch.Generator(target.device).manual_seed(seed + i)
+        res = speculative_generate(target, drafter, ids, max_new_tokens, temperature, block_size=K, generator=g)
+        recs.append(dict(tally(res["rounds"], K), new_tokens=len(res["ids"]), spec_s=res["total_s"],
+                         draft_s=res["draft_s"], verify_s=res["verify_s"], prompts=1, turns=1))
+    return rates(merge(recs))
+
+
+def format_table(tasks, overall):
+    """Tasks' rate dicts -> the stdout table."""
+    f = lambda x, spec="{:.2f}": "-" if x is None else spec.format(x)
+    head = f"{'task':<15}{'prompts':>8}{'new_tok':>9}{'rounds':>8}{'tau':>7}{'prop':>6}{'tok/s':>9}{'base':>9}" \
+           f"{'speedup':>9}{'draft%':>8}  accept_rate_conditional (cumulative = DeepSpec accept_rate@i)"
+    lines = [head, "-" * len(head)]
+    for name, r in list(tasks.items()) + [("overall", overall)]:
+        busy = r["draft_s"] + r["verify_s"]
+        lines.append(f"{name:<15}{r['prompts']:>8}{r['new_tokens']:>9}{r['rounds']:>8}{f(r['tau']):>7}"
+                     f"{f(r['mean_proposal_len'], '{:.1f}'):>6}{f(r['tokens_per_s'], '{:.1f}'):>9}"
+                     f"{f(r['baseline_tokens_per_s'], '{:.1f}'):>9}{f(r['speedup'], '{:.2f}x'):>9}"
+                     f"{f(100 * r['draft_s'] / busy if busy else None, '{:.0f}'):>8}  "
+                     + " ".join(f(a, "{:.2f}") for a in r["accept_rate_conditional"])
+                     + "  (" + " ".join(f(a, "{:.2f}") for a in r["accept_rate_cumulative"]) + ")")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+if __name__ == "__main__":
+    from tqdm import tqdm
+    import torch.distributed as dist
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    if ddp:  # torchrun: prompts split across ranks, one report merged on rank 0
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+    torch.manual_seed(seed)
+
+    # --- models ---------------------------------------------------------------
+    draft_path, draft_cfg = resolve_draft(draft)
+    target_name = target or target_of(draft_cfg)
+    if not target_name:
+        raise SystemExit(f"evaluate: {draft_path}/config.json names no target: pass --target=NAME")
+    tgt = load_target(target_name, dtype=dtype, device=device,
+                      layer_ids=draft_cfg.get("text_config", draft_cfg).get("target_layer_ids"),
+                      mask_token_id=draft_cfg.get("mask_token_id"))
+    drafter = load_drafter(draft_path, tgt)
+    K = block_size or drafter_block_size(drafter)
+    if rank == 0:
+        print(f"evaluate: target {target_name} ({len(tgt.layers)} layers, taps {tgt.layer_ids}), drafter "
+              f"{type(drafter).__name__} from {draft_path}, {K} drafts per round, {dtype} on {device}")
+
+    # --- single prompt mode -----------------------------------------------------
+    if prompt:
+        rec = run_prompt(tgt, drafter, [prompt], config, K, seed)
+        print(tgt.tokenizer.decode(rec["outputs"][0]))
+        r = rates(rec)
+        print(f"tau {r['tau']:.2f} over {r['rounds']} rounds, {r['new_tokens']} tokens at {r['tokens_per_s']:.1f} tok/s"
+              + (f" (plain {r['baseline_tokens_per_s']:.1f} tok/s, speedup {r['speedup']:.2f}x)" if baseline else "")
+              + "; conditional acceptance " + " ".join(f"{a:.2f}" if a is not None else "-"
+                                                       for a in r["accept_rate_conditional"]))
+        sys.exit(0)
+
+    # --- prompts ----------------------------------------------------------------
+    names = list(TASKS) if task == "all" else [task]
+    prompts = {}
+    for name in names:
+        try:
+            prompts[name] = load_task(name, data_dir, num_prompts, turns)
+        except MissingTask as e:
+            if task != "all":
+                raise SystemExit(str(e)) from None
+            if rank == 0:
+                print(f"evaluate: skipping {e}")
+    partial, done = (out + ".partial.jsonl") if out else "", {}
+    keyed = {k: v for k, v in config.items() if k not in ("task", "num_prompts", "out")}  # prompt i: same text
+    if partial and os.path.exists(partial):  # resume: finished prompts of the same config are kept
+        lines = []
+        for line in open(partial):
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                pass  # a line cut by a crash: that prompt is decoded again
+        if lines and lines[0].get("config") == keyed:
+            done = {(r["task"], r["index"]): r for r in lines[1:]}
+        elif rank == 0:
+            print(f"evaluate: {partial} holds results of another config; starting over")
+    if partial and not done and rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
+        with open(partial, "w") as f:
+            f.write(json.dumps({"config": keyed}) + "\n")
+    if ddp:
+        dist.barrier()
+    for name, rows in prompts.items():  # fail early on prompts that do not fit the context
+        for i, turn_texts in enumerate(rows):
+            check_length(tgt, tgt.render_prompt(messages_of(turn_texts[0])), max_new_tokens, K, f"{name}[{i}]")
+    todo = [(name, i) for name, rows in prompts.items() for i in range(len(rows)) if (name, i) not in done]
+    if rank == 0 and done:
+        print(f"evaluate: resuming, {len(done)} prompts already done in {partial}")
+
+    # --- decode -----------------------------------------------------------------
+    fd = os.open(partial, os.O_WRONLY | os.O_APPEND) if partial else None
+    mine = []
+    for name, i in tqdm(todo[rank::world], desc="prompts", disable=rank != 0, dynamic_ncols=True):
+        gen_seed = seed * 1_000_003 + zlib.crc32(f"{name}/{i}".encode()) * 16  # per prompt: same on any world size
+        rec = run_prompt(tgt, drafter, prompts[name][i], config, K, gen_seed, where=f"{name}[{i}]")
+        rec.update(task=name, index=i)
+        if not save_outputs:
+            del rec["outputs"], rec["prompt_ids"]
+        mine.append(rec)
+        if fd is not None:
+            os.write(fd, (json.dumps(rec) + "\n").encode())  # one write per line: appends from ranks never interleave
+    if fd is not None:
+        os.close(fd)
+    if ddp:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+        mine = [r for g in gathered for r in g]
+        dist.destroy_process_group()
+    if rank != 0:
+        sys.exit(0)
+
+    # --- report -----------------------------------------------------------------
+    recs = {**done, **{(r["task"], r["index"]): r for r in mine}}
+    report = {"config": config, "tasks": {}}
+    for name, rows in prompts.items():
+        task_recs = [recs[(name, i)] for i in range(len(rows))]
+        report["tasks"][name] = rates(merge(task_recs))
+        if save_outputs:
+            report["tasks"][name].update(prompt_ids=[r["prompt_ids"] for r in task_recs],
+                                         outputs=[r["outputs"][0] for r in task_recs])
+            if any(len(r["outputs"]) > 1 for r in task_recs):
+                report["tasks"][name]["turn_outputs"] = [r["outputs"] for r in task_recs]
+    report["overall"] = rates(merge(recs[(n, i)] for n, rows in prompts.items() for i in range(len(rows))))
+    print(format_table(report["tasks"], report["overall"]))
+    if out:
+        with open(out + ".tmp", "w") as f:
+            json.dump(report, f)
+        os.replace(out + ".tmp", out)  # atomic: a report is complete or absent
+        print(f"evaluate: report written to {out}")

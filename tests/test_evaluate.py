@@ -1,0 +1,468 @@
+"""evaluate.py: lossless speculative decoding (greedy equality, exact sampling law), metrics, tasks, the CLI."""
+import json
+import math
+import os
+import runpy
+
+import pytest
+import torch
+
+import evaluate as E
+from kernels import logits_to_probs
+from target import load_target
+
+torch.set_num_threads(1)  # tiny models: threads only add overhead on the shared 2-core machine
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+K = 4  # drafts per round in these tests
+PROMPTS = ["Hi", "What is 2+2?", "Write a poem about the sea.", "List three colors", "abc def ghi",
+           "Translate 'cat' to French", "Why is the sky blue?", "0 1 1 2 3 5 8"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return {name: load_target(name) for name in ("tiny-qwen3", "tiny-llama")}
+
+
+@pytest.fixture(scope="module")
+def sharp():
+    return load_target("tiny-qwen3", sharpen=60.0)
+
+
+def real_drafter(kind, target):
+    """A randomly initialized real drafter (small: 1 layer) for a tiny target."""
+    torch.manual_seed(0)
+    if kind == "dflash":
+        from model_dflash import DFlash
+        return DFlash.from_target(target, block_size=K, num_draft_layers=1).eval()
+    if kind == "dspark":
+        from model_dspark import DSpark
+        return DSpark.from_target(target, block_size=K, num_draft_layers=1, markov_rank=16).eval()
+    from model_eagle3 import Eagle3
+    return Eagle3.from_target(target, ttt_length=K).eval()
+
+
+class Oracle:
+    """Scripted drafter: proposes the target's own greedy continuation `full` (prompt + plain output) with
+    one-hot probabilities; `wrong(round, slot)` replaces that slot by another token. It checks that commit
+    receives the anchor + accepted tokens and, when `target` is given, their exact target features."""
+
+    def __init__(self, full, V, wrong=lambda r, i: False, target=None):
+        self.full, self.V, self.wrong, self.target, self.block_size = list(full), V, wrong, target, K
+
+    def start(self, prompt_ids, taps):
+        assert len(taps) == len(prompt_ids)
+        return {"n": len(prompt_ids), "round": 0}
+
+    def propose(self, state, anchor, k, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+        n, r = state["n"], state["round"]
+        assert anchor == self.full[n]
+        toks = [self.full[n + 1 + i] if n + 1 + i < len(self.full) else 7 for i in range(k)]
+        toks = torch.tensor([(t + 1) % self.V if self.wrong(r, i) else t for i, t in enumerate(toks)])
+        state["round"] += 1
+        return toks, torch.nn.functional.one_hot(toks, self.V).float(), None
+
+    def commit(self, state, ids, taps):
+        n, m = state["n"], len(ids)
+        assert ids.tolist() == self.full[n:n + m] and taps.shape[0] == m
+        if self.target is not None:  # the taps of the verify forward are the target's features at those tokens
+            ref, _ = self.target.features(torch.tensor(self.full[:n + m])[None])
+            torch.testing.assert_close(taps, ref[0, n:n + m], rtol=1e-4, atol=1e-4)
+        state["n"] += m
+
+
+class Constant:
+    """Scripted drafter proposing token 0 everywhere (one-hot): a correct rule rejects it."""
+    block_size = K
+
+    def start(self, prompt_ids, taps):
+        return {}
+
+    def propose(self, state, anchor, k, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+        return torch.zeros(k, dtype=torch.long), torch.nn.functional.one_hot(torch.zeros(k, dtype=torch.long), 262).float(), None
+
+    def commit(self, state, ids, taps):
+        pass
+
+
+class Distorted:
+    """Scripted sampling drafter: q(. | context) = softmax(0.5 * target logits + noise(context)), memoized per
+    context; tokens are drawn from q and q is returned, as the drafter contract says."""
+
+    def __init__(self, target, warp):
+        self.target, self.warp, self.memo, self.block_size = target, warp, {}, K
+
+    def q(self, ctx):
+        if ctx not in self.memo:
+            with torch.no_grad():
+                z = self.target.model(input_ids=torch.tensor(ctx)[None]).logits[0, -1].float()
+            g = torch.Generator().manual_seed(hash(ctx) % (1 << 31))
+            self.memo[ctx] = logits_to_probs(0.5 * z + torch.randn(z.shape, generator=g), **self.warp)
+        return self.memo[ctx]
+
+    def start(self, prompt_ids, taps):
+        return {"ctx": tuple(prompt_ids.tolist())}
+
+    def propose(self, state, anchor, k, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+        ctx, toks, probs = state["ctx"] + (int(anchor),), [], []
+        for _ in range(k):
+            q = self.q(ctx)
+            toks.append(int(torch.multinomial(q, 1, generator=generator)))
+            probs.append(q)
+            ctx += (toks[-1],)
+        return torch.tensor(toks), torch.stack(probs), None
+
+    def commit(self, state, ids, taps):
+        state["ctx"] += tuple(ids.tolist())
+
+
+def ids_of(target, text):
+    return target.render_prompt([{"role": "user", "content": text}])
+
+
+# -----------------------------------------------------------------------------
+# acceptance rules by exact enumeration
+
+def law_one_slot(accept, resid, pt, pd):
+    """Exact law of the token one chain slot emits: sum over drafts d ~ pd of [keep d] + [reject] residual."""
+    alpha = torch.where(pd > 0, accept(pt, pd.clamp_min(1e-30)).clamp(0, 1), torch.zeros_like(pd))  # P(u < a)
+    kept = pd * alpha  # [V] P(draft = x and kept)
+    return kept + (1 - kept.sum()) * resid(pt, pd)
+
+
+def law_two_tokens(accept, resid, pt1, pd1, pt2, pd2, pdn, k):
+    """Exact joint law [V, V] of the first two tokens of a round of k drafts (k = 1 or 2): slot 1 kept, then
+    slot 2 (k = 2) or the bonus from pt2 (k = 1); slot 1 rejected: x1 from the residual, and the next round
+    drafts x2 from pdn[x1] with the same rule. pt2, pd2, pdn [V, V] are conditional on the first token."""
+    alpha1 = torch.where(pd1 > 0, accept(pt1, pd1.clamp_min(1e-30)).clamp(0, 1), torch.zeros_like(pd1))
+    kept1 = pd1 * alpha1
+    second = torch.stack([law_one_slot(accept, resid, pt2[x], pd2[x]) if k == 2 else pt2[x] for x in range(len(pt1))])
+    after_reject = torch.stack([law_one_slot(accept, resid, pt2[x], pdn[x]) for x in range(len(pt1))])
+    return kept1[:, None] * second + (1 - kept1.sum()) * resid(pt1, pd1)[:, None] * after_reject
+
+
+def dists(kind, V, g, *shape):
+    """'peaked' (softmax of large logits), 'flat' (small logits), 'sparse' (top-2 only: disjoint supports)."""
+    z = torch.randn(*shape, V, generator=g, dtype=torch.float64)
+    if kind == "sparse":  # the 2 largest logits only (exact in float64, like logits_to_probs' top-k)
+        z = (3 * z).masked_fill(z < z.topk(2, -1).values[..., -1:], float("-inf"))
+    return torch.softmax(z * (5.0 if kind == "peaked" else 0.3 if kind == "flat" else 1.0), -1)
+
+
+@pytest.mark.parametrize("kt,kd", [("peaked", "peaked"), ("peaked", "flat"), ("flat", "peaked"), ("flat", "flat"),
+                                   ("sparse", "peaked"), ("peaked", "sparse"), ("same", "same")])
+def test_acceptance_rule_is_exact_by_enumeration(kt, kd):
+    """accept_prob + residual reproduce the target law exactly (first token, and the joint of the first two
+    for chains of 1 and 2 drafts) on peaked/flat/disjoint pairs; broken rules fail the same check."""
+    g, V = torch.Generator().manual_seed(len(kt) * 10 + len(kd)), 6
+    if kt == "same":  # q == p: every draft is kept, the residual is never used
+        pt1 = pd1 = dists("peaked", V, g)
+        pt2 = pd2 = pdn = dists("flat", V, g, V)
+    else:
+        pt1, pd1, pt2, pd2, pdn = dists(kt, V, g), dists(kd, V, g), dists(kt, V, g, V), dists(kd, V, g, V), dists(kd, V, g, V)
+    want1, want2 = pt1, pt1[:, None] * pt2
+    torch.testing.assert_close(law_one_slot(E.accept_prob, E.residual, pt1, pd1), want1, rtol=0, atol=1e-12)
+    for k in (1, 2):
+        torch.testing.assert_close(law_two_tokens(E.accept_prob, E.residual, pt1, pd1, pt2, pd2, pdn, k), want2,
+                                   rtol=0, atol=1e-12)
+    if kt == "same":
+        return
+    broken = {"residual without max(0, .)": (E.accept_prob, lambda p, q: (p - q) / (p - q).sum(-1, keepdim=True)),
+              "resample from p_target": (E.accept_prob, lambda p, q: p),
+              "accept with p_target(d)": (lambda p, q: p, E.residual),
+              "accept with p_target/p_draft + residual from p_target": (lambda p, q: p / q, lambda p, q: p)}
+    for name, (acc, res) in broken.items():
+        got = law_two_tokens(acc, res, pt1, pd1, pt2, pd2, pdn, 2)
+        assert not torch.allclose(got, want2, rtol=0, atol=1e-6), f"the enumeration misses the broken rule: {name}"
+
+
+def test_greedy_and_sampled_accept_functions():
+    """greedy_accept / sample_accept count the leading accepted drafts; the residual falls back to p when p == q."""
+    assert E.greedy_accept(torch.tensor([3, 4, 5]), torch.tensor([3, 4, 9])) == 2
+    assert E.greedy_accept(torch.tensor([3, 4, 5]), torch.tensor([1, 4, 5])) == 0
+    p = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.8, 0.0], [0.0, 1.0, 0.0]])
+    q = torch.tensor([[0.25, 0.75, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    d = torch.tensor([0, 0, 1])  # ratios: min(1, 2) = 1, 0.2, 1
+    assert E.sample_accept(p, q, d, torch.tensor([0.99, 0.1, 0.5])) == 3
+    assert E.sample_accept(p, q, d, torch.tensor([0.99, 0.3, 0.0])) == 1
+    torch.testing.assert_close(E.residual(p[1], q[1]), torch.tensor([0.0, 1.0, 0.0]))
+    torch.testing.assert_close(E.residual(p[2], q[2]), p[2])
+
+
+# -----------------------------------------------------------------------------
+# greedy: speculative output == plain output, token for token
+
+def test_greedy_oracle_with_eos_in_block_and_budget(tiny):
+    """A scripted drafter (the target's own greedy text, with wrong slots) gives plain greedy output exactly,
+    with partial acceptance, EOS inside an accepted block (stop there) and budgets ending mid-block."""
+    for name, t in tiny.items():
+        eos0 = t.eos_token_ids
+        try:
+            for j, text in enumerate(PROMPTS):
+                ids = ids_of(t, text)
+                ref, _ = E.plain_generate(t, ids, 40)  # greedy with budget b = ref[:b] (it never hits EOS here)
+                assert not eos0 & set(ref)
+                wrong = lambda r, i, j=j: (r * 7 + i * 3 + j) % 5 == 0  # some slots wrong: partial acceptance
+                for budget in (1, 2, 5, 13, 40):
+                    d = Oracle(ids.tolist() + ref, len(t.tokenizer), wrong, target=t if budget == 13 else None)
+                    res = E.speculative_generate(t, d, ids, budget, block_size=K)
+                    assert res["ids"] == ref[:budget], (name, j, budget)
+                    assert sum(r[2] for r in res["rounds"]) + 1 == len(res["ids"])
+                # EOS = the token at 10 + j of the greedy text: plain decoding stops at its first occurrence
+                stop = ref[10 + j]
+                t.eos_token_ids = eos0 | {stop}
+                want = ref[:ref.index(stop) + 1]
+                if j == 0:
+                    assert E.plain_generate(t, ids, 40)[0] == want
+                res = E.speculative_generate(t, Oracle(ids.tolist() + ref, len(t.tokenizer)), ids, 40, block_size=K)
+                assert res["ids"] == want
+                k, n, c = res["rounds"][-1]
+                assert k == n == c and sum(r[2] for r in res["rounds"]) + 1 == len(want)
+                t.eos_token_ids = eos0
+        finally:
+            t.eos_token_ids = eos0
+
+
+@pytest.mark.parametrize("kind", ["dflash", "dspark", "eagle3"])
+def test_greedy_real_drafters(tiny, kind):
+    """Randomly initialized real drafters (their own caches, start/propose/commit) give plain greedy output."""
+    for name, t in tiny.items():
+        d = real_drafter(kind, t)
+        for text in PROMPTS[:4]:
+            ids = ids_of(t, text)
+            res = E.speculative_generate(t, d, ids, 20)
+            assert res["ids"] == E.plain_generate(t, ids, 20)[0], (name, kind, text)
+
+
+def test_check_greedy_fails_loudly(tiny, monkeypatch):
+    """check_greedy stops with the prompt and position when speculative output differs (a broken rule here)."""
+    t = tiny["tiny-qwen3"]
+    cfg = dict(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=12, baseline=False, check_greedy=True)
+    rec = E.run_prompt(t, Constant(), ["Hi"], cfg, K, 0, where="mini[3]")
+    assert rec["greedy_matched"] == 1 and rec["greedy_checked"] == 1
+    monkeypatch.setattr(E, "greedy_accept", lambda g, drafts: len(drafts))  # accept everything
+    with pytest.raises(SystemExit, match=r"mini\[3\] turn 1: .* at new token \d+"):
+        E.run_prompt(t, Constant(), ["Hi"], cfg, K, 0, where="mini[3]")
+
+
+# -----------------------------------------------------------------------------
+# sampling: the output law is the target's (chi-square against the exact law)
+
+def exact_law(t, ids, n, warp, eps=1e-5):
+    """Exact law of the first n new tokens under the warped target: {tuple: prob}, pruned below eps."""
+    law, frontier = {}, {(): 1.0}
+    for _ in range(n):
+        seqs = list(frontier)
+        with torch.no_grad():
+            z = t.model(input_ids=torch.stack([torch.cat([ids, torch.tensor(s, dtype=torch.long)]) for s in seqs])).logits
+        p = logits_to_probs(z[:, -1].float(), **warp)
+        new = {}
+        for s, row in zip(seqs, p):
+            for v in (row * frontier[s] > eps).nonzero()[:, 0].tolist():
+                (law if v in t.eos_token_ids else new)[s + (v,)] = frontier[s] * float(row[v])
+        frontier = new
+    law.update(frontier)
+    return law
+
+
+def chi2_pvalue(stat, df):
+    """P(X > stat) for X ~ chi-square(df): 1 - regularized lower gamma P(df/2, stat/2) by its power series."""
+    a, x = df / 2, stat / 2
+    term = total = 1 / a
+    for n in range(1, 10000):
+        term *= x / (a + n)
+        total += term
+        if term < total * 1e-15:
+            break
+    return max(0.0, 1 - math.exp(a * math.log(x) - x - math.lgamma(a)) * total) if x > 0 else 1.0
+
+
+def chi2_test(samples, law, N):
+    """Cells with expected count >= 5, the rest lumped -> p-value."""
+    cells = [s for s, p in law.items() if N * p >= 5]
+    obs = [sum(1 for s in samples if s == c) for c in cells]
+    exp = [N * law[c] for c in cells]
+    obs.append(N - sum(obs))
+    exp.append(N - sum(exp))
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp) if e > 0)
+    return chi2_pvalue(stat, len(cells)), len(cells)
+
+
+def test_chi2_pvalue():
+    """The chi-square tail matches known quantiles (df 1: 3.841 -> 0.05; df 10: 23.209 -> 0.01)."""
+    assert abs(chi2_pvalue(3.841, 1) - 0.05) < 1e-3
+    assert abs(chi2_pvalue(23.209, 10) - 0.01) < 1e-4
+    assert abs(chi2_pvalue(2.0, 2) - math.exp(-1)) < 1e-9
+
+
+def sampled(t, d, ids, n, warp, N):
+    g = torch.Generator().manual_seed(N)
+    return [tuple(E.speculative_generate(t, d, ids, n, block_size=2, generator=g, **warp)["ids"]) for _ in range(N)]
+
+
+@pytest.mark.parametrize("kind", ["scripted", "dflash", "dspark", "eagle3"])
+def test_sampled_law_matches_target(sharp, kind):
+    """Temperature > 0: the first 3 tokens (prefill token, then chains of 2 drafts: accepts, residuals, the
+    Markov slot of DSpark) follow the target's exact warped law (chi-square p > 1e-3), for a scripted drafter
+    and each randomly initialized real drafter (300 samples each: fast; the enumeration test is the exact one)."""
+    warp = dict(temperature=1.0, top_k=0, top_p=0.95 if kind == "dspark" else 1.0)
+    ids = ids_of(sharp, "Count: 1 2 3")
+    law, N = exact_law(sharp, ids, 3, warp), 300
+    d = Distorted(sharp, warp) if kind == "scripted" else real_drafter(kind, sharp)
+    pval, cells = chi2_test(sampled(sharp, d, ids, 3, warp, N), law, N)
+    assert cells >= 8 and pval > 1e-3, (kind, pval, cells)
+
+
+def test_sampled_law_test_has_power(sharp, monkeypatch):
+    """The same chi-square check rejects a broken residual (resampling from the target after a rejection)."""
+    warp = dict(temperature=1.0, top_k=0, top_p=1.0)
+    ids = ids_of(sharp, "Count: 1 2 3")
+    law, N = exact_law(sharp, ids, 3, warp), 600
+    monkeypatch.setattr(E, "residual", lambda p, q: p)
+    pval, _ = chi2_test(sampled(sharp, Distorted(sharp, warp), ids, 3, warp, N), law, N)
+    assert pval < 1e-3, pval
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+def test_metrics_hand_computed(tiny):
+    """tau, conditional and cumulative per-slot acceptance from recorded rounds equal hand-computed values."""
+    t = tiny["tiny-qwen3"]
+    eos0 = t.eos_token_ids
+    try:
+        t.eos_token_ids = set()  # no early stop: exactly the scripted rounds
+        ids = ids_of(t, "Hi")
+        ref, _ = E.plain_generate(t, ids, 20)
+        first_wrong = {0: 1, 1: 9, 2: 0, 3: 2}  # round -> first wrong slot (9: none) => accepted 1, 3, 0, 2
+        d = Oracle(ids.tolist() + ref, len(t.tokenizer), lambda r, i: i == first_wrong.get(r))
+        d.block_size = 3
+        res = E.speculative_generate(t, d, ids, 1 + 2 + 4 + 1 + 3)
+    finally:
+        t.eos_token_ids = eos0
+    assert res["rounds"] == [(3, 1, 2), (3, 3, 4), (3, 0, 1), (3, 2, 3)]
+    r = E.rates(E.tally(res["rounds"], 3))
+    assert r["tau"] == 10 / 4 and r["mean_proposal_len"] == 3 and r["rounds"] == 4
+    # slot 0: kept in rounds 1, 2, 4 of 4; slot 1: reached in 1, 2, 4, kept in 2, 4; slot 2: reached 2, 4, kept 2
+    assert r["accept_rate_conditional"] == [3 / 4, 2 / 3, 1 / 2]
+    assert r["accept_rate_cumulative"] == [3 / 4, 2 / 4, 1 / 4]
+    # EOS at slot 1 of a round with 3 accepted: slots past EOS are not counted; merge pools counters
+    c = E.merge([E.tally([(2, 2, 2)], 3), E.tally([(3, 0, 1)], 3)])
+    assert c["slot_proposed"] == [2, 2, 1] and c["slot_reached"] == [2, 1, 0] and c["slot_accepted"] == [1, 1, 0]
+    assert c["committed"] == 3 and c["rounds"] == 2
+
+
+def test_measure_tau(tiny):
+    """measure_tau (train.py's in-training tau) accepts strings and message lists and reports rates."""
+    t = tiny["tiny-qwen3"]
+    r = E.measure_tau(t, real_drafter("dflash", t), ["Hi", [{"role": "user", "content": "Why?"}]], max_new_tokens=8)
+    assert r["rounds"] > 0 and 1.0 <= r["tau"] <= K + 1 and len(r["accept_rate_conditional"]) == K
+    assert r["new_tokens"] == 2 + round(r["tau"] * r["rounds"])  # the prefill token of each prompt + rounds
+
+
+# -----------------------------------------------------------------------------
+# tasks, loading, the CLI
+
+def test_load_task_selection(tmp_path, monkeypatch):
+    """DeepSpec's selection (shuffle with Random(980406) when the file has more rows than the count), the
+    num_prompts cut, turns, custom <name>.jsonl files, and a one-line error for a missing task."""
+    import random
+    src = "/work/shared/eval_datasets"
+    if not os.path.exists(os.path.join(src, "gsm8k.jsonl")):
+        pytest.skip("shared eval datasets not present")
+    rows = [json.loads(line)["turns"] for line in open(os.path.join(src, "gsm8k.jsonl"))]
+    random.Random(980406).shuffle(rows)
+    got = E.load_task("gsm8k", src)
+    assert len(got) == 500 and got == rows[:500]
+    assert E.load_task("gsm8k", src, num_prompts=5) == rows[:5]
+    assert E.load_task("humaneval", src, num_prompts=3) == [json.loads(line)["turns"] for line in
+                                                            open(os.path.join(src, "humaneval.jsonl"))][:3]
+    mt = E.load_task("mt-bench", src)
+    assert len(mt) == 80 and all(len(r) == 2 for r in mt) and all(len(r) == 1 for r in E.load_task("mt-bench", src, turns=1))
+    (tmp_path / "mine.jsonl").write_text('{"turns": ["a", "b"]}\n{"turns": ["c"]}\n')
+    assert E.load_task("mine", str(tmp_path)) == [["a", "b"], ["c"]]
+    monkeypatch.setenv("NANOSPEC_DATA_DIR", str(tmp_path))
+    assert E.load_task("mine") == [["a", "b"], ["c"]]
+    with pytest.raises(E.MissingTask, match="nope"):
+        E.load_task("nope", str(tmp_path))
+
+
+def test_load_drafter_and_mismatch_errors(tiny, tmp_path):
+    """load_drafter picks the class from config.json and refuses a drafter made for another target geometry."""
+    t = tiny["tiny-qwen3"]
+    for kind in ("dflash", "dspark", "eagle3"):
+        d = real_drafter(kind, t)
+        d.save_pretrained(str(tmp_path / kind))
+        loaded = E.load_drafter(str(tmp_path / kind), t)
+        assert type(loaded) is type(d)
+        ids = ids_of(t, "Hi")
+        assert E.speculative_generate(t, loaded, ids, 10)["ids"] == E.speculative_generate(t, d, ids, 10)["ids"]
+    cfg = json.loads((tmp_path / "dspark" / "config.json").read_text())
+    assert E.target_of(cfg) == "tiny-qwen3"
+    (tmp_path / "dspark" / "config.json").write_text(json.dumps({**cfg, "hidden_size": 128}))
+    with pytest.raises(SystemExit, match="hidden_size=128.*--target"):
+        E.load_drafter(str(tmp_path / "dspark"), t)
+    (tmp_path / "dspark" / "config.json").write_text(json.dumps({**cfg, "target_layer_ids": [0, 1, 2, 3, 5]}))
+    with pytest.raises(SystemExit, match="taps layers"):
+        E.load_drafter(str(tmp_path / "dspark"), t)
+    with pytest.raises(SystemExit, match="prompt x\\[0\\].*max_new_tokens"):
+        E.check_length(t, torch.zeros(2000, dtype=torch.long), 100, K, "prompt x[0]")
+
+
+def test_cli_report_resume_and_prompt_mode(tiny, tmp_path, monkeypatch, capsys):
+    """The script end to end on a tiny target: table, JSON report (keys of the issue), 2-turn prompts, resume
+    from <out>.partial.jsonl (finished prompts are not decoded again), and --prompt mode."""
+    t = tiny["tiny-qwen3"]
+    real_drafter("dspark", t).save_pretrained(str(tmp_path / "drafter"))
+    (tmp_path / "mini.jsonl").write_text("".join(json.dumps({"turns": [f"Say {i}", "More"][:1 + i % 2]}) + "\n"
+                                                 for i in range(3)))
+    out = str(tmp_path / "report.json")
+
+    def main(*args):
+        monkeypatch.setattr("sys.argv", ["evaluate.py", "--task=mini", f"--data_dir={tmp_path}",
+                                         f"--draft={tmp_path / 'drafter'}", "--max_new_tokens=8", *args])
+        try:
+            runpy.run_path(os.path.join(ROOT, "evaluate.py"), run_name="__main__")
+        except SystemExit as e:
+            assert not e.code, e.code
+        return capsys.readouterr().out
+
+    text = main("--num_prompts=2", f"--out={out}", "--save_outputs", "--check_greedy")
+    assert "mini" in text and "overall" in text and "tiny-qwen3" in text
+    rep = json.load(open(out))
+    r = rep["tasks"]["mini"]
+    for key in ("tau", "rounds", "new_tokens", "accept_rate_conditional", "accept_rate_cumulative", "tokens_per_s",
+                "baseline_tokens_per_s", "speedup", "draft_s", "verify_s", "prompt_ids", "outputs"):
+        assert key in r, key
+    assert r["prompts"] == 2 and r["turns"] == 3 and r["greedy_match_rate"] == 1.0
+    assert len(r["outputs"]) == 2 and len(r["turn_outputs"][1]) == 2
+    assert r["prompt_ids"][0] == ids_of(t, "Say 0").tolist()
+    assert r["new_tokens"] == sum(len(o) for turns in r["turn_outputs"] for o in turns)
+    assert rep["overall"]["tau"] == r["tau"] and rep["config"]["max_new_tokens"] == 8
+    text = main("--num_prompts=3", f"--out={out}", "--save_outputs", "--check_greedy")
+    assert "already done" in text
+    lines = open(out + ".partial.jsonl").read().splitlines()
+    assert len(lines) == 1 + 3  # header + 3 prompts: the first two were not decoded again
+    rep2 = json.load(open(out))["tasks"]["mini"]
+    assert rep2["prompts"] == 3 and rep2["outputs"][:2] == r["outputs"]
+    text = main("--prompt=Hello", "--baseline=False")
+    assert "tau" in text and "conditional acceptance" in text
+
+
+def test_torchrun_two_ranks_match_one_process(tiny, tmp_path, monkeypatch, capsys):
+    """torchrun with 2 CPU ranks (gloo) splits the prompts and merges one report equal to a 1-process run,
+    sampled outputs included (per-prompt generators do not depend on the world size)."""
+    import subprocess
+    import sys
+    real_drafter("dflash", tiny["tiny-qwen3"]).save_pretrained(str(tmp_path / "drafter"))
+    (tmp_path / "mini.jsonl").write_text("".join(json.dumps({"turns": [f"Say {i}"]}) + "\n" for i in range(3)))
+    args = ["--task=mini", f"--data_dir={tmp_path}", f"--draft={tmp_path / 'drafter'}", "--max_new_tokens=10",
+            "--temperature=0.7", "--save_outputs", "--baseline=False"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.join(ROOT, "evaluate.py"), *args, f"--out={tmp_path / 'two.json'}"],
+                   check=True, env=env, cwd=str(tmp_path), capture_output=True, timeout=120)
+    monkeypatch.setattr("sys.argv", ["evaluate.py", *args, f"--out={tmp_path / 'one.json'}"])
+    runpy.run_path(os.path.join(ROOT, "evaluate.py"), run_name="__main__")
+    one, two = (json.load(open(tmp_path / f))["tasks"]["mini"] for f in ("one.json", "two.json"))
+    assert one["outputs"] == two["outputs"] and one["prompts"] == two["prompts"] == 3
+    assert one["tau"] == two["tau"] and one["accept_rate_conditional"] == two["accept_rate_conditional"]
