@@ -15,7 +15,7 @@ import sys
 
 SCRIPTS = ("build_cache.py", "train.py", "evaluate.py", "scheduler.py")
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIG_TYPES = (bool, int, float, str, list, tuple, type(None))
+CONFIG_TYPES = (bool, int, float, str, list, tuple, dict, type(None))
 
 
 def script_defaults(path):

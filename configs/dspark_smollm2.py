@@ -1,0 +1,29 @@
+# dspark drafter for SmolLM2-135M-Instruct on a laptop CPU (the demo; minutes on 2 cores).
+#   python build_cache.py configs/dspark_smollm2.py --stage=answers   # regenerate answers (online training)
+#   python train.py configs/dspark_smollm2.py
+#   python evaluate.py configs/dspark_smollm2.py --draft=out/demo/dspark/step_latest --task=gsm8k --num_prompts=5
+target = "smollm2"
+drafter = "dspark"
+num_draft_layers = 2
+block_size = 7
+num_anchors = 64
+markov_rank = 64
+enable_confidence_head = True
+draft_vocab_size = 8192          # reduced draft head: the 49k-row lm_head dominates CPU drafting time
+prompts = "builtin"
+num_prompts = 2000
+gen_max_new_tokens = 192
+max_len = 512
+data_mode = "online"
+cache_dir = "out/demo/cache"
+out_dir = "out/demo/dspark"
+global_batch_size = 8
+micro_batch_size = 4
+max_steps = 300
+learning_rate = 1e-3
+dtype = "float32"
+device = "cpu"
+log_interval = 10
+save_interval = 100
+eval_interval = 0
+max_new_tokens = 256

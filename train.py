@@ -1,0 +1,322 @@
+"""
+Train a drafter (DSpark, DFlash or Eagle3) for a frozen target, on one CPU or many GPUs.
+
+CPU demo (SmolLM2-135M target, answers from `python build_cache.py configs/dspark_smollm2.py --stage=answers`):
+    python train.py configs/dspark_smollm2.py
+one GPU:
+    python train.py configs/dspark_qwen3_4b.py
+8 GPUs on one node (DDP; the drafter is small enough to replicate):
+    torchrun --nproc_per_node=8 train.py configs/dspark_qwen3_4b.py
+several nodes:
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_endpoint=HOST:29500 train.py configs/dspark_qwen3_4b.py
+
+Data (DESIGN.md): `data_mode=online` runs the frozen target inside the job and computes the features of
+each batch (nothing on disk but the answers); `data_mode=offline` reads build_cache.py shards. Both give
+identical batches (the same rounding to `cache_dtype` is applied online).
+Determinism: sample g of the global stream is fixed by (seed, g); each sample's random anchors come from
+a generator seeded by (seed, sample_id, step); the loss is normalized by the all-reduced supervised
+weight. So 1 rank and N ranks make the same update, and a resume (even on another process count)
+continues the same stream.
+"""
+import json
+import math
+import os
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from configurator import configure
+
+# --- defaults: configs/*.py and --key=value override these ----------------------------------------
+# target and data
+target = "smollm2"               # hub id, local path or alias (smollm2, tiny-qwen3, tiny-llama)
+target_layer_ids = None          # None = default_layer_ids(L) (or the tiny alias's list)
+target_geometry = None           # {layers, hidden, heads, kv_heads, head_dim, vocab}: checked at load time
+data_mode = "online"             # online | offline
+cache_dir = "out/cache"          # answers.jsonl (both modes) and feature shards (offline)
+cache_dtype = "fp8"              # rounding of target features: fp8 | bf16 (online applies it too)
+max_len = 4096                   # tokens per training sequence
+min_supervised = 14              # samples with fewer supervised tokens are dropped (as build_cache.py does)
+keep_truncated = True            # keep answers cut by the generation budget (their end is not supervised)
+out_dir = "out/train"
+# drafter
+drafter = "dspark"               # dspark | dflash | eagle3
+block_size = 7
+num_draft_layers = 5             # Eagle3 uses 1
+mask_token_id = None             # None = the target's (smollm2: a fixed special token)
+markov_rank = 256
+markov_head_type = "vanilla"     # vanilla | gated | rnn
+enable_confidence_head = True
+num_anchors = 512                # anchors per sequence (DSpark/DFlash)
+loss_decay_gamma = 4.0           # slot weights exp(-k/gamma)
+ttt_length = 7                   # Eagle3 training-time-test steps
+step_loss_decay = 0.8            # Eagle3 step weights 0.8^k
+draft_vocab_size = 0             # 0 = full vocabulary (DeepSpec); >0 = most frequent answer tokens
+save_frozen = True               # False: omit embed_tokens/lm_head from checkpoints (re-tied from the target)
+# optimization (REFERENCE.md s.7)
+global_batch_size = 512          # sequences per optimizer step, all ranks together
+micro_batch_size = 1             # sequences per forward on one rank
+epochs = 10
+max_steps = 0                    # 0 = derived from epochs
+learning_rate = 6e-4
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.999
+grad_clip = 1.0
+warmup_frac = 0.04
+# system
+device = ""                      # "" = cuda if available else cpu
+dtype = "float32"                # bfloat16: autocast with fp32 master weights (GPU)
+seed = 0
+log_interval = 10
+save_interval = 1000
+keep_last = 3                    # step_<N> checkpoints kept (step_latest always points at the newest)
+eval_interval = 0                # every N steps: real speculative-decoding tau on held-out prompts (0 = off)
+eval_prompts = 8                 # held-out answers (excluded from training) used for that tau
+eval_max_new_tokens = 64
+resume = True                    # continue from out_dir/step_latest when it exists
+config = configure(globals())
+
+# --- distributed init: plain torchrun, one process works unchanged ------------------------------
+ddp = int(os.environ.get("RANK", -1)) != -1
+device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+if ddp:
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+else:
+    rank, world = 0, 1
+master = rank == 0
+per_rank = global_batch_size // world
+assert global_batch_size % (world * micro_batch_size) == 0, \
+    f"global_batch_size {global_batch_size} must be a multiple of world size {world} x micro_batch_size {micro_batch_size}"
+accum = per_rank // micro_batch_size  # gradient accumulation derived from the global batch
+torch.manual_seed(seed)
+autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dtype == "bfloat16" and "cuda" in device \
+    else torch.autocast("cpu", enabled=False)
+
+# --- target and data ------------------------------------------------------------------------------
+from build_cache import CacheReader, make_record, read_answers, render_sample  # noqa: E402
+from target import load_target  # noqa: E402
+
+tgt = load_target(target, dtype=dtype, device=device, layer_ids=target_layer_ids, mask_token_id=mask_token_id)
+
+
+def check_geometry(cfg, geometry):
+    """The downloaded target must be the one the config was written for."""
+    if not geometry:
+        return
+    have = dict(layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
+                kv_heads=cfg.num_key_value_heads, head_dim=getattr(cfg, "head_dim", None), vocab=cfg.vocab_size)
+    bad = {k: (v, have.get(k)) for k, v in geometry.items() if have.get(k) != v}
+    if bad:
+        raise SystemExit(f"train: target {target} does not match the config's target_geometry: "
+                         + ", ".join(f"{k} expected {a} got {b}" for k, (a, b) in bad.items()))
+
+
+check_geometry(tgt.config, target_geometry)
+answers_path = os.path.join(cache_dir, "answers.jsonl")
+if not os.path.exists(answers_path):
+    raise SystemExit(f"train: no answers at {answers_path}; run `python build_cache.py <config> --stage=answers`"
+                     f" (online) or `python build_cache.py <config>` (offline) first")
+answers = read_answers(answers_path)
+held_out = answers[len(answers) - eval_prompts:] if eval_interval else []
+if data_mode == "offline":
+    reader = CacheReader(cache_dir)
+    reader.validate(target_name=target, layer_ids=tgt.layer_ids, hidden_size=tgt.config.hidden_size)
+    held = {a["sample_id"] for a in held_out}
+    pool = [i for i in range(len(reader)) if reader.sample_id(i) not in held]
+    get_record = lambda i: reader[i]  # noqa: E731
+elif data_mode == "online":
+    # the same samples build_cache.py keeps: truncation policy and minimum supervision, decided by rendering
+    cut = lambda a: a.get("finish_reason") == "length"  # noqa: E731
+    train_answers = [a for a in answers[:len(answers) - len(held_out)] if keep_truncated or not cut(a)]
+    train_answers = [a for a in train_answers
+                     if int(render_sample(tgt, a["messages"], max_len, cut(a))[1].sum()) >= min_supervised]
+    pool = list(range(len(train_answers)))
+    get_record = lambda i: make_record(tgt, train_answers[i]["messages"], train_answers[i]["sample_id"],  # noqa: E731
+                                       max_len, cache_dtype, truncated=cut(train_answers[i]))
+else:
+    raise SystemExit(f"train: data_mode must be online or offline, got {data_mode!r}")
+N = len(pool)
+if N == 0:
+    raise SystemExit(f"train: no training samples in {cache_dir}")
+steps_per_epoch = max(1, N // global_batch_size)
+max_steps = max_steps or epochs * steps_per_epoch
+
+
+def stream_index(g):
+    """Global sample index g -> index into the pool: a fresh permutation per epoch, fixed by (seed, epoch)."""
+    epoch, i = divmod(g, N)
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return pool[int(perm[i])]
+
+
+def collate(records):
+    """Right-pad a list of records into the training batch of DESIGN.md (padding has loss_mask 0)."""
+    T = max(len(r["input_ids"]) for r in records)
+    pad = lambda x, n: torch.nn.functional.pad(x, [0, 0] * (x.dim() - 1) + [0, n])  # noqa: E731
+    batch = {k: torch.stack([pad(r[k], T - len(r["input_ids"])) for r in records]).to(device)
+             for k in ("input_ids", "loss_mask", "taps", "last_hidden")}
+    batch["sample_id"] = torch.tensor([r["sample_id"] for r in records], device=device)
+    batch["lengths"] = torch.tensor([len(r["input_ids"]) for r in records], device=device)
+    return batch
+
+
+def sample_generators(sample_ids, step):
+    """One generator per sample, seeded by (seed, sample_id, step): anchors never depend on the batch."""
+    return [torch.Generator(device=device).manual_seed((seed * 1_000_003 + int(s)) * 1_000_003 + step)
+            for s in sample_ids]
+
+
+# --- model ---------------------------------------------------------------------------------------
+if drafter == "eagle3":
+    from model_eagle3 import Eagle3 as Drafter
+    drafter_cfg = dict(num_draft_layers=num_draft_layers, ttt_length=ttt_length, step_loss_decay=step_loss_decay)
+elif drafter in ("dspark", "dflash"):
+    from model_dflash import DFlash
+    from model_dspark import DSpark
+    Drafter = DSpark if drafter == "dspark" else DFlash
+    drafter_cfg = dict(block_size=block_size, num_draft_layers=num_draft_layers, num_anchors=num_anchors,
+                       loss_decay_gamma=loss_decay_gamma, mask_token_id=tgt.mask_token_id)
+    if drafter == "dspark":
+        drafter_cfg.update(markov_rank=markov_rank, markov_head_type=markov_head_type,
+                           enable_confidence_head=enable_confidence_head)
+else:
+    raise SystemExit(f"train: drafter must be dspark, dflash or eagle3, got {drafter!r}")
+drafter_cfg.update(target_layer_ids=tgt.layer_ids, draft_vocab_size=draft_vocab_size, target_name=target)
+model = Drafter.from_target(tgt, **drafter_cfg).to(device)
+if draft_vocab_size:
+    # the reduced head keeps the most frequent tokens of the training answers (DESIGN.md)
+    counts = torch.zeros(tgt.config.vocab_size, dtype=torch.long)
+    for i in pool[:2000]:
+        r = get_record(i)
+        counts.index_add_(0, r["input_ids"][r["loss_mask"].bool()].cpu(), torch.ones_like(r["input_ids"][r["loss_mask"].bool()].cpu()))
+    model.set_draft_vocab(torch.topk(counts, draft_vocab_size).indices.sort().values)
+params = [p for p in model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
+if master:
+    print(f"train: {drafter} with {sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters; "
+          f"{N} samples, {world} rank(s) x {accum} micro-steps x {micro_batch_size} = {global_batch_size} "
+          f"sequences/step, {max_steps} steps ({steps_per_epoch} per epoch)")
+
+# --- resume ----------------------------------------------------------------------------------------
+step = 0
+latest = os.path.join(out_dir, "step_latest")
+if resume and os.path.exists(os.path.join(latest, "train_state.pt")):
+    from safetensors.torch import load_file
+    state = torch.load(os.path.join(latest, "train_state.pt"), map_location=device, weights_only=True)
+    weights = load_file(os.path.join(latest, "model.safetensors"), device=str(device))
+    model.load_state_dict({**model.state_dict(), **weights})
+    optimizer.load_state_dict(state["optimizer"])
+    step = state["step"]
+    if master:
+        print(f"train: resumed from {os.path.realpath(latest)} at step {step}")
+raw_model = model
+if ddp:
+    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if "cuda" in device else None)
+
+
+def get_lr(it):
+    """Linear warmup over warmup_frac of the steps, then cosine to 0 (REFERENCE.md s.7)."""
+    warmup = max(1, int(warmup_frac * max_steps))
+    if it < warmup:
+        return learning_rate * (it + 1) / warmup
+    return learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, (it - warmup) / max(1, max_steps - warmup))))
+
+
+def save_checkpoint(step):
+    """out_dir/step_<N>/ = drafter (DeepSpec layout) + train_state.pt; step_latest -> newest; keep last k."""
+    path = os.path.join(out_dir, f"step_{step}")
+    raw_model.save_pretrained(path, include_frozen=save_frozen)
+    tmp = os.path.join(path, "train_state.pt.tmp")
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "samples_seen": step * global_batch_size}, tmp)
+    os.replace(tmp, os.path.join(path, "train_state.pt"))
+    with open(os.path.join(path, "nanospec_config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    link = os.path.join(out_dir, ".step_latest.tmp")
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(f"step_{step}", link)
+    os.replace(link, latest)  # atomic: step_latest is always a complete checkpoint
+    steps = sorted(int(d[5:]) for d in os.listdir(out_dir) if d.startswith("step_") and d[5:].isdigit())
+    for old in steps[:-keep_last]:
+        shutil.rmtree(os.path.join(out_dir, f"step_{old}"), ignore_errors=True)
+
+
+def all_reduce(t):
+    if ddp:
+        dist.all_reduce(t)
+    return t
+
+
+# --- training loop -----------------------------------------------------------------------------------
+os.makedirs(out_dir, exist_ok=True)
+log = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
+pbar = tqdm(total=max_steps, initial=step, disable=not master, desc=f"train {drafter}", dynamic_ncols=True)
+t0, tokens = time.time(), 0
+while step < max_steps:
+    lr = get_lr(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    sums = {}
+    for micro in range(accum):
+        first = step * global_batch_size + rank * per_rank + micro * micro_batch_size
+        batch = collate([get_record(stream_index(g)) for g in range(first, first + micro_batch_size)])
+        tokens += int(batch["lengths"].sum())
+        sync = not ddp or micro == accum - 1  # all-reduce gradients only on the last micro-step
+        with (model.no_sync() if not sync else torch.enable_grad()), autocast:
+            loss_sum, metrics = model(batch, sample_generators(batch["sample_id"].tolist(), step))
+            loss_sum.backward()
+        for k, v in {**metrics, "loss": loss_sum}.items():
+            sums[k] = sums.get(k, 0) + v.detach().float()
+    # normalize by the global supervised weight: DDP averaged the gradients over ranks, so scale by world/W
+    sums = {k: all_reduce(v.to(device)) for k, v in sums.items()}
+    scale = world / sums["weight"].clamp(min=1e-8)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else torch.zeros(())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+    pbar.update(1)
+
+    if master and (step % log_interval == 0 or step == max_steps):
+        W = float(sums["weight"])
+        accept = (sums["slot_accept"] / sums["slot_count"].clamp(min=1)).tolist()
+        top1 = (sums["slot_top1"] / sums["slot_count"].clamp(min=1)).tolist()
+        expected_tau = 1 + sum(math.prod(accept[:k + 1]) for k in range(len(accept)))
+        dt = time.time() - t0
+        row = dict(step=step, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tokens * world / dt,
+                   **{k: float(v) / W for k, v in sums.items() if v.dim() == 0 and k != "weight"},
+                   slot_accept=accept, slot_top1=top1, expected_tau=expected_tau)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        pbar.set_postfix(loss=f"{row['loss']:.3f}", tau_tf=f"{expected_tau:.2f}",
+                         tok_s=f"{row['tokens_per_s']:.0f}")
+        t0, tokens = time.time(), 0
+    if master and eval_interval and (step % eval_interval == 0 or step == max_steps):
+        from evaluate import measure_tau
+        raw_model.eval()
+        prompts = [[m for m in a["messages"] if m["role"] == "user"][:1] for a in held_out]
+        res = measure_tau(tgt, raw_model, prompts, max_new_tokens=eval_max_new_tokens, temperature=0.0)
+        raw_model.train()
+        log.write(json.dumps(dict(step=step, eval_tau=res["tau"],
+                                  eval_accept_rate_conditional=res["accept_rate_conditional"])) + "\n")
+        log.flush()
+        tqdm.write(f"step {step}: speculative tau {res['tau']:.2f} on {len(prompts)} held-out prompts")
+    if master and (step % save_interval == 0 or step == max_steps):
+        save_checkpoint(step)
+    if ddp:
+        dist.barrier()  # ranks leave together: nobody reads a half-written checkpoint
+
+# --- cleanup -------------------------------------------------------------------------------------------
+pbar.close()
+if ddp:
+    dist.destroy_process_group()
