@@ -6,7 +6,9 @@ writes one JSON {"bench": name, "device": ..., "date": ..., "machine": {...}, "r
     python bench.py loss --device=cpu --rounds=3 --out=...             # 3 interleaved rounds (noisy hosts)
     python bench.py loss --device=cuda --out=out/bench_loss_cuda.json  # 1 GPU, Qwen3-4B geometry, bf16
     python bench.py loss --device=cpu --N=64 --V=4096 --repeats=1      # quick look at a smaller shape
-    python bench.py tree | train | decode                              # not built yet (exit code 2)
+    python bench.py tree --device=cuda --out=out/bench_tree_cuda.json  # tree attention kernel + chain vs tree decoding
+    python bench.py tree --device=cpu --out=out/bench_tree_cpu.json    # chain vs tree decoding (smollm2), CPU attention
+    python bench.py train | decode                                     # not built yet (exit code 2)
 
 `loss` runs forward + backward of soft CE (Eagle3) and of DSpark's 0.1 ce + 0.9 l1 with the low-rank
 Markov bias (A [N, r], Bm [V, r]), naive (full [N, V] softmaxes) vs fused (kernels.py), each variant
@@ -19,6 +21,12 @@ Peak memory is measured above the process's baseline once the inputs exist:
         input setup.) Without clear_refs we fall back to ru_maxrss - VmRSS(before) and say so.
         RSS counts what the allocator keeps after free, so it is an upper bound on live tensors.
   Both include the gradients the step returns (e.g. grad Bm [V, r] fp32: 50 MB on cpu).
+`tree` times tree attention at Qwen3-4B heads (32 query / 8 kv heads, head dim 128; bf16 on cuda, fp32 on cpu)
+for prefix lengths --prefix and tree sizes --nodes (random trees): kernels.tree_attention (Triton, cuda only),
+the PyTorch reference and SDPA with a boolean mask, each with its max error against the reference. Then greedy
+decoding of a few prompts with the --target (smollm2) and a drafter (--draft, else out/demo/dspark/step_latest,
+else a randomly initialized DSpark: mechanics only): chain of block size K vs trees of --budgets nodes (0 = K:
+equal budget), tau (committed tokens per verify), tokens/s, and whether the outputs equal the chain's.
 Times are medians over --repeats steps after the measured one (and over --rounds). On cpu torch runs
 1 thread unless --threads says otherwise: on a shared 2-core machine each multi-threaded op waits at an
 OpenMP barrier for a thread the neighbours have descheduled (~10 ms per op): that times the neighbours.
@@ -38,14 +46,17 @@ import time
 
 import torch
 
+import evaluate
 import kernels
+from target import load_target
 
 GEOMETRY = {  # N rows (tokens), hidden H, vocab V, Markov rank r
     "cpu": dict(N=448, H=576, V=49152, r=256, dtype="float32"),  # SmolLM2-135M
     "cuda": dict(N=3584, H=2560, V=151936, r=256, dtype="bfloat16"),  # Qwen3-4B
 }
-NOT_BUILT = {"tree": "the tree-attention kernel issue", "train": "the train.py issue",
-             "decode": "the evaluate.py issue"}
+NOT_BUILT = {"train": "the train.py issue", "decode": "the evaluate.py issue"}
+TREE_PROMPTS = ["Write a short story about a robot who learns to paint.", "Explain how a hash map works.",
+                "List five fruits and their colors.", "What causes the seasons on Earth?"]
 
 # -----------------------------------------------------------------------------
 # one variant, run inside a fresh subprocess
@@ -164,6 +175,99 @@ def bench_loss(args):
     return results
 
 
+# -----------------------------------------------------------------------------
+# the tree benchmark: tree attention (kernel, reference, SDPA) and chain vs tree decoding
+
+
+def _median_s(fn, device, repeats):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()  # warm-up (Triton compiles here)
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_tree_attention(args):
+    dev, g, rows = args.device, torch.Generator().manual_seed(0), []
+    cases = [(torch.bfloat16 if dev == "cuda" else torch.float32, P, N) for P in args.prefix for N in args.nodes]
+    cases += [(torch.float32, args.prefix[0], args.nodes[-1])] if dev == "cuda" else []  # the kernel's fp32 path
+    for dt, P, N in cases:
+        q = torch.randn(N, 32, 128, generator=g).to(dev, dt).transpose(0, 1)  # [H, N, D], HF's strides
+        k, v = (torch.randn(8, P + N, 128, generator=g).to(dev, dt) for _ in range(2))
+        anc = evaluate.ancestors([-1] + [int(torch.randint(i, (1,), generator=g)) for i in range(1, N)]).to(dev)
+        mask = torch.cat([torch.ones(N, P, dtype=torch.bool, device=dev), anc], 1)  # [N, P+N] visible keys
+        fns = {"ref": lambda: kernels.tree_attention_ref(q, k, v, anc, P, 128 ** -0.5),
+               "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
+                   q[None], k[None], v[None], attn_mask=mask, scale=128 ** -0.5, enable_gqa=True)[0]}
+        if dev == "cuda":
+            fns["triton"] = lambda: kernels.tree_attention(q, k, v, anc, P, 128 ** -0.5)
+        ref, row = fns["ref"]().float(), dict(P=P, N=N, dtype=str(dt).split(".")[-1])
+        for name, fn in fns.items():
+            row[f"{name}_ms"] = 1e3 * _median_s(fn, dev, args.repeats)
+            row[f"{name}_max_err"] = (fn().float() - ref).abs().max().item()  # vs fp32 math on the same inputs
+        rows.append(row)
+        print(f"{row['dtype']:>8s} P {P:5d} N {N:3d} | " + " ".join(
+            f"{n} {row[n + '_ms']:8.3f} ms (err {row[n + '_max_err']:.1e})" for n in fns))
+    return rows
+
+
+def bench_tree_decode(args):
+    here = os.path.dirname(os.path.abspath(__file__))
+    draft = args.draft or os.path.join(here, "out", "demo", "dspark", "step_latest")
+    if os.path.exists(os.path.join(draft, "config.json")):
+        path, cfg = evaluate.resolve_draft(draft)
+        c = cfg.get("text_config", cfg)
+        target = load_target(args.target or evaluate.target_of(cfg), device=args.device,
+                             layer_ids=c.get("target_layer_ids"), mask_token_id=cfg.get("mask_token_id"))
+        drafter = evaluate.load_drafter(path, target)
+    else:
+        from model_dspark import DSpark
+        target, draft = load_target(args.target or "smollm2", device=args.device), "random init (DSpark defaults)"
+        torch.manual_seed(0)
+        drafter = DSpark.from_target(target).eval()
+    K = evaluate.drafter_block_size(drafter)
+    prompts = [target.render_prompt([{"role": "user", "content": p}]) for p in TREE_PROMPTS[:args.prompts]]
+    base_s, base_n = 0.0, 0
+    for ids in prompts:  # plain decoding: the reference tokens/s
+        out, sec = evaluate.plain_generate(target, ids, args.max_new_tokens)
+        base_s, base_n = base_s + sec, base_n + len(out)
+    rows, chain_ids = [], None
+    for budget in [0] + [b or K for b in args.budgets]:
+        res = [evaluate.speculative_generate(target, drafter, ids, args.max_new_tokens, block_size=K,
+                                             tree_budget=budget) for ids in prompts]
+        rounds = [r for x in res for r in x["rounds"]]
+        ids_all = [x["ids"] for x in res]
+        chain_ids = chain_ids or ids_all
+        row = dict(mode=f"tree {budget}" if budget else f"chain {K}", tree_budget=budget, block_size=K,
+                   rounds=len(rounds), tau=sum(r[2] for r in rounds) / len(rounds),
+                   new_tokens=sum(len(i) for i in ids_all), seconds=sum(x["total_s"] for x in res),
+                   draft_s=sum(x["draft_s"] for x in res), verify_s=sum(x["verify_s"] for x in res),
+                   same_output_as_chain=ids_all == chain_ids)
+        row["tokens_per_s"] = row["new_tokens"] / row["seconds"]
+        row["speedup"] = row["tokens_per_s"] / (base_n / base_s)
+        rows.append(row)
+        print(f"{row['mode']:>9s} | tau {row['tau']:.3f} over {row['rounds']} rounds | "
+              f"{row['tokens_per_s']:7.2f} tok/s (plain {base_n / base_s:.2f}, {row['speedup']:.2f}x) | draft {row['draft_s']:.1f} s verify "
+              f"{row['verify_s']:.1f} s | same output as chain: {row['same_output_as_chain']}")
+    return dict(target=target.name, drafter=draft, prompts=len(prompts), max_new_tokens=args.max_new_tokens,
+                baseline_tokens_per_s=base_n / base_s, rows=rows)
+
+
+def bench_tree(args):
+    attention = bench_tree_attention(args)
+    try:
+        decode = bench_tree_decode(args)
+    except (SystemExit, OSError) as e:  # e.g. no smollm2 wheel on a GPU box: keep the attention numbers
+        decode = dict(skipped=str(e))
+        print(f"bench.py tree: decoding skipped: {e}")
+    return dict(attention=attention, decode=decode, torch_threads=torch.get_num_threads())
+
+
 def machine(device):
     m = dict(host=platform.node(), cpu=platform.processor() or platform.machine(), cpus=os.cpu_count(),
              torch_threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version())
@@ -192,23 +296,35 @@ def main(argv=None):
             s.add_argument("--chunk", type=int, default=0, help="override kernels.VOCAB_CHUNK (PyTorch path)")
             s.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on cpu, see above)")
             s.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: LOSS:IMPL
+        if name == "tree":
+            s.add_argument("--prefix", type=int, nargs="+", default=None, help="cached tokens (default by device)")
+            s.add_argument("--nodes", type=int, nargs="+", default=[8, 16, 32, 64], help="tree tokens")
+            s.add_argument("--repeats", type=int, default=20, help="timed attention calls (median)")
+            s.add_argument("--target", default="", help="decoding target ('' = the drafter's, else smollm2)")
+            s.add_argument("--draft", default="", help="drafter folder ('' = out/demo/dspark/step_latest or random)")
+            s.add_argument("--budgets", type=int, nargs="+", default=[0, 16, 32], help="tree nodes (0 = block size)")
+            s.add_argument("--prompts", type=int, default=4, help=f"prompts decoded (<= {len(TREE_PROMPTS)})")
+            s.add_argument("--max_new_tokens", type=int, default=64)
+            s.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on cpu)")
     args = p.parse_args(argv)
     if args.bench in NOT_BUILT:
         print(f"bench.py {args.bench}: not built yet (see {NOT_BUILT[args.bench]})")
         sys.exit(2)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench.py: --device=cuda but torch sees no GPU; use --device=cpu")
-    if args.chunk:
+    if getattr(args, "chunk", 0):
         kernels.VOCAB_CHUNK = args.chunk
-    if args.bench == "loss" and args.device == "cpu":
+    if args.bench == "tree" and args.prefix is None:
+        args.prefix = [2048, 4096, 8192] if args.device == "cuda" else [512, 2048]
+    if args.device == "cpu":
         args.threads = args.threads or 1
         torch.set_num_threads(args.threads)
-    if args.variant:  # subprocess: measure one variant, print one JSON line
+    if getattr(args, "variant", None):  # subprocess: measure one variant, print one JSON line
         loss, impl = args.variant.split(":")
         geo = dict(N=args.N, H=args.H, V=args.V, r=args.r, dtype=args.dtype)
         print(json.dumps(run_variant(loss, impl, args.device, geo, args.repeats)))
         return
-    results = bench_loss(args)
+    results = bench_tree(args) if args.bench == "tree" else bench_loss(args)
     record = dict(bench=args.bench, device=args.device, date=datetime.datetime.now().isoformat(timespec="seconds"),
                   machine=machine(args.device), results=results)
     if args.out:

@@ -6,6 +6,7 @@
     python evaluate.py --task=all --device=cuda --dtype=bfloat16 --temperature=1.0 --max_new_tokens=2048 \\
         --turns=1 --target=Qwen/Qwen3-4B --draft=deepseek-ai/dspark_qwen3_4b_block7 --out=out/q4b.json  # DeepSpec's
     torchrun --nproc_per_node=8 evaluate.py --task=all --device=cuda --out=out/report.json   # prompts split
+    python evaluate.py --task=gsm8k --num_prompts=5 --tree_budget=16      # draft trees of 16 nodes instead of chains
 
 Per round (batch 1): the drafter proposes a chain of k tokens after the anchor (the last committed
 token), the target scores [anchor, d1..dk] in ONE forward on its KV cache, the longest acceptable
@@ -17,7 +18,12 @@ Metrics (report JSON at --out, table on stdout): tau = committed tokens per roun
 (DeepSpec's accept_len), per-slot conditional acceptance P(slot i accepted | slots < i accepted) and
 cumulative survival P(slots 0..i all accepted) (what DeepSpec prints as accept_rate@i), tokens/s of
 speculative and of plain target decoding on the same prompts, their ratio (speedup), draft/verify time.
+With tree_budget = N > 0 the drafter grows a tree of N nodes best-first (EAGLE-2), the target verifies it in one
+forward (tree attention: each node sees the cache and its ancestors) and acceptance walks the tree
+(sample-and-descend, below); per-slot rates then count depths and the proposal length is the tree's depth.
 """
+import heapq
+import itertools
 import json
 import os
 import random
@@ -32,7 +38,7 @@ from kernels import logits_to_probs
 from target import load_target
 
 # defaults (override with a configs/*.py file or --key=value)
-task = "humaneval"        # one of the nine tasks, "all", or any <name>.jsonl in data_dir
+task = "humaneval"        # one of the nine tasks, a comma list, "all", or any <name>.jsonl in data_dir
 target = ""               # "" = the target recorded in the drafter's config.json
 draft = ""                # drafter folder or hub id; "" = out/demo/dspark/step_latest, then drafters/smollm2_dspark
 temperature = 0.0         # 0 = greedy; DeepSpec's protocol is 1.0
@@ -41,6 +47,7 @@ top_p = 1.0
 num_prompts = 0           # 0 = DeepSpec's count for the task; N = the first N of that selection
 max_new_tokens = 256      # per turn (DeepSpec: 2048)
 block_size = 0            # drafts per round; 0 = the drafter's block_size / ttt_length
+tree_budget = 0           # draft tree nodes verified per round (depth <= block_size); 0 = a chain of block_size
 data_dir = ""             # folder of <task>.jsonl; then $NANOSPEC_DATA_DIR, ~/.cache/nanospec/eval, the hub
 out = ""                  # report JSON path ("" = table only); <out>.partial.jsonl makes runs resumable
 save_outputs = False      # add prompt_ids and generated ids to the report
@@ -269,6 +276,75 @@ def verify_chain(logits, drafts, q, temperature, top_k, top_p, generator):
 
 
 # -----------------------------------------------------------------------------
+# draft trees: best-first growth (EAGLE-2) and the acceptance rule
+#
+# Scheme "sample-and-descend" (deterministic top-k candidates): walk from the root; at node v (path s) draw
+# x ~ p(. | s) from the target; if a child of v holds x, descend to it, else emit x as the bonus token. Why it is
+# lossless: the tree depends only on the drafter, i.e. on tokens already emitted, never on this round's target
+# draws. x is emitted in both cases and is a fresh draw from p(. | s); after a descent the child's logits from the
+# same forward are exactly p(. | s, x) (the child attends to the prefix and its ancestors only). So every emitted
+# token is a target draw given all earlier ones, and the output law is the target's. No draft probability enters:
+# node v is passed with probability sum_c p(c | s) over its children. Greedy (x = argmax): the longest path that
+# matches the target's argmax.
+
+def build_tree(drafter, state, anchor, budget, max_depth, temperature=0.0, top_k=0, top_p=1.0):
+    """-> (tokens, parents): node 0 = the anchor (parent -1), then at most `budget` draft nodes, parents first.
+    Score = path probability under the drafter; the tree holds the best-scoring candidates (the top ones of
+    every expanded node's next_probs), taken best first from a heap; depth <= max_depth. Greedy scores use the
+    drafter at temperature 1 (its one-hot greedy q would rank nothing)."""
+    warp = dict(temperature=temperature, top_k=top_k, top_p=top_p) if temperature else dict(temperature=1.0)
+    tokens, parents, paths, tick = [int(anchor)], [-1], [()], itertools.count()
+    heap = [(-1.0, next(tick), 0, None)]  # (-score, tie-break, node, token); token None: expand the node
+    while heap and len(tokens) <= budget:
+        neg, _, node, tok = heapq.heappop(heap)
+        if tok is not None:  # the best open candidate joins; its expansion waits in the heap (children score lower)
+            tokens.append(tok)
+            parents.append(node)
+            paths.append(paths[node] + (tok,))
+            heapq.heappush(heap, (neg, next(tick), len(tokens) - 1, None))
+        elif len(paths[node]) < max_depth:  # expand: children scored by the next-token draft distribution [V]
+            q = drafter.next_probs(state, anchor, [paths[node]], **warp)[0]
+            top = q.topk(min(budget, q.numel()))
+            for p, x in zip(top.values.tolist(), top.indices.tolist()):
+                if p > 0:
+                    heapq.heappush(heap, (neg * p, next(tick), node, x))
+    return tokens, parents
+
+
+def ancestors(parents):
+    """parents [N] (-1 = root, parents first) -> anc [N, N] bool: anc[i, j] = node j is node i or its ancestor."""
+    anc = torch.eye(len(parents), dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            anc[i] |= anc[p]
+    return anc
+
+
+def verify_tree(logits, tokens, parents, temperature, top_k, top_p, generator):
+    """Target logits [N, V] at the tree's nodes, tokens/parents [N] -> (path: accepted nodes from 0, bonus token)."""
+    path = [0]
+    while True:
+        x = sample_token(logits[path[-1]], temperature, top_k, top_p, generator)  # x ~ p(. | path)
+        child = next((c for c, (t, p) in enumerate(zip(tokens, parents)) if p == path[-1] and t == x), None)
+        if child is None:
+            return path, x
+        path.append(child)
+
+
+def keep_path(cache, path, n):
+    """After verifying n tokens, keep the cached prefix then the verified tokens `path` (indices into the n, in
+    order): REFERENCE s.10's index_select on dim 2, done on the tail only, then a crop."""
+    P = cache.get_seq_length() - n
+    if path != list(range(len(path))):  # a chain prefix is already in place
+        idx = P + torch.tensor(path, device=cache.layers[0].keys.device)
+        for layer in cache.layers:  # the gathers copy before the writes, so overlaps are safe
+            layer.keys[:, :, P:P + len(path)] = layer.keys[:, :, idx]
+            layer.values[:, :, P:P + len(path)] = layer.values[:, :, idx]
+    if len(path) < n:
+        cache.crop(len(path) - n)  # transformers 5: crop(-m) drops the last m positions
+
+
+# -----------------------------------------------------------------------------
 # decoding loops (batch 1)
 
 def _clock(dev):
@@ -279,9 +355,10 @@ def _clock(dev):
 
 @torch.no_grad()
 def speculative_generate(target, drafter, prompt_ids, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
-                         block_size=0, generator=None):
+                         block_size=0, generator=None, tree_budget=0):
     """prompt_ids [T] -> dict(ids: new tokens (ending at EOS or the budget, exactly as plain decoding),
-    rounds: [(proposed, accepted, committed)] per target verify, draft_s, verify_s, total_s)."""
+    rounds: [(proposed, accepted, committed)] per target verify, draft_s, verify_s, total_s).
+    tree_budget > 0: verify best-first draft trees of that many nodes (depth <= block_size) instead of chains."""
     K, eos, dev = block_size or drafter_block_size(drafter), target.eos_token_ids, target.device
     warp = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     t0 = _clock(dev)
@@ -292,19 +369,29 @@ def speculative_generate(target, drafter, prompt_ids, max_new_tokens=256, temper
     draft_s, verify_s, out, rounds = _clock(dev) - t1, t1 - t0, [token], []
     while out[-1] not in eos and len(out) < max_new_tokens:
         ta = _clock(dev)
-        drafts, q, _ = drafter.propose(state, token, K, generator=generator, **warp)  # [k], [k, V]
+        if tree_budget:
+            tokens, parents = build_tree(drafter, state, token, tree_budget, K, **warp)
+            ids, anc = torch.tensor([tokens], device=dev), ancestors(parents)      # [1, N+1]: anchor, nodes
+            depth = int(anc.sum(1).max()) - 1
+        else:
+            drafts, q, _ = drafter.propose(state, token, K, generator=generator, **warp)  # [k], [k, V]
+            ids = torch.cat([torch.tensor([token], device=dev), drafts.to(dev)])[None]   # [1, k+1]: anchor, drafts
+            anc, depth = None, len(drafts)
         tb = _clock(dev)
-        ids = torch.cat([torch.tensor([token], device=dev), drafts.to(dev)])[None]   # [1, k+1]: anchor, drafts
-        logits, taps, cache = target.forward(ids, cache)                              # verify: [1, k+1, V]
-        n, bonus = verify_chain(logits[0], ids[0, 1:], q, generator=generator, **warp)
-        if n < len(drafts):  # keep anchor + accepted drafts (a tree would index_select its accepted path here)
-            cache.crop(n - len(drafts))  # transformers 5: crop(-m) drops the last m positions
+        logits, taps, cache = target.forward(ids, cache, tree=anc)                   # verify: [1, N+1, V]
+        if tree_budget:
+            path, bonus = verify_tree(logits[0], tokens, parents, generator=generator, **warp)
+        else:
+            n, bonus = verify_chain(logits[0], ids[0, 1:], q, generator=generator, **warp)
+            path = list(range(n + 1))
+        keep_path(cache, path, ids.shape[1])  # the cache keeps the anchor and the accepted drafts
+        n = len(path) - 1
         tc = _clock(dev)
-        emit = ids[0, 1:n + 1].tolist() + [bonus]
+        emit = ids[0, path[1:]].tolist() + [bonus]
         hit = next((i for i, x in enumerate(emit) if x in eos), None)
         if hit is not None:
             emit = emit[:hit + 1]  # stop after the end-of-turn token
-        proposed, accepted = len(drafts), n
+        proposed, accepted = depth, n
         if hit is not None and hit < n:  # EOS was an accepted draft: the slots after it do not count (as DeepSpec)
             proposed = accepted = hit + 1
         emit = emit[:max_new_tokens - len(out)]
@@ -312,7 +399,7 @@ def speculative_generate(target, drafter, prompt_ids, max_new_tokens=256, temper
         rounds.append((proposed, accepted, len(emit)))
         token = bonus
         if hit is None and len(out) < max_new_tokens:
-            drafter.commit(state, ids[0, :n + 1], taps[0, :n + 1])  # the anchor and accepted drafts now have features
+            drafter.commit(state, ids[0, path], taps[0, path])  # the anchor and accepted drafts now have features
         td = _clock(dev)
         draft_s, verify_s = draft_s + (tb - ta) + (td - tc), verify_s + (tc - tb)
     return dict(ids=out, rounds=rounds, draft_s=draft_s, verify_s=verify_s, total_s=_clock(dev) - t0)
@@ -410,7 +497,8 @@ def run_prompt(target, drafter, turn_texts, cfg, K, gen_seed, where="prompt"):
         ids = target.render_prompt(messages)
         check_length(target, ids, cfg["max_new_tokens"], K, f"{where} turn {t + 1}")
         g = torch.Generator(dev).manual_seed(gen_seed + t)
-        res = speculative_generate(target, drafter, ids, cfg["max_new_tokens"], block_size=K, generator=g, **warp)
+        res = speculative_generate(target, drafter, ids, cfg["max_new_tokens"], block_size=K, generator=g,
+                                   tree_budget=cfg.get("tree_budget", 0), **warp)
         rec = dict(tally(res["rounds"], K), new_tokens=len(res["ids"]), spec_s=res["total_s"],
                    draft_s=res["draft_s"], verify_s=res["verify_s"], turns=1)
         plain = None
@@ -436,7 +524,7 @@ def run_prompt(target, drafter, turn_texts, cfg, K, gen_seed, where="prompt"):
     return out
 
 
-def measure_tau(target, drafter, prompts, max_new_tokens=128, temperature=0.0, block_size=0, seed=0):
+def measure_tau(target, drafter, prompts, max_new_tokens=128, temperature=0.0, block_size=0, seed=0, tree_budget=0):
     """In-training tau (train.py): prompts = list of strings or message lists (ending with a user turn)
     -> rates (tau, accept_rate_conditional, accept_rate_cumulative, ...). No baseline, no greedy check."""
     K = block_size or drafter_block_size(drafter)
@@ -444,7 +532,8 @@ def measure_tau(target, drafter, prompts, max_new_tokens=128, temperature=0.0, b
     for i, p in enumerate(prompts):
         ids = target.render_prompt(messages_of(p))
         g = torch.Generator(target.device).manual_seed(seed + i)
-        res = speculative_generate(target, drafter, ids, max_new_tokens, temperature, block_size=K, generator=g)
+        res = speculative_generate(target, drafter, ids, max_new_tokens, temperature, block_size=K, generator=g,
+                                   tree_budget=tree_budget)
         recs.append(dict(tally(res["rounds"], K), new_tokens=len(res["ids"]), spec_s=res["total_s"],
                          draft_s=res["draft_s"], verify_s=res["verify_s"], prompts=1, turns=1))
     return rates(merge(recs))
@@ -493,7 +582,8 @@ if __name__ == "__main__":
     K = block_size or drafter_block_size(drafter)
     if rank == 0:
         print(f"evaluate: target {target_name} ({len(tgt.layers)} layers, taps {tgt.layer_ids}), drafter "
-              f"{type(drafter).__name__} from {draft_path}, {K} drafts per round, {dtype} on {device}")
+              f"{type(drafter).__name__} from {draft_path}, " + (f"trees of {tree_budget} nodes (depth <= {K})"
+              if tree_budget else f"{K} drafts") + f" per round, {dtype} on {device}")
 
     # --- single prompt mode -----------------------------------------------------
     if prompt:
@@ -507,7 +597,7 @@ if __name__ == "__main__":
         sys.exit(0)
 
     # --- prompts ----------------------------------------------------------------
-    names = list(TASKS) if task == "all" else [task]
+    names = list(TASKS) if task == "all" else task.split(",")  # "gsm8k,humaneval" runs both
     prompts = {}
     for name in names:
         try:

@@ -472,3 +472,134 @@ def fused_soft_ce(h_draft, h_target, W, weights=None, return_stats=False):
     target argmax); weights as in fused_dspark_loss."""
     loss, l1, am_d, am_t = _vocab_loss(True, return_stats, return_stats, h_draft, h_target, None, W, None, weights)
     return (loss, l1.detach(), am_d, am_t) if return_stats else loss
+
+
+# -----------------------------------------------------------------------------
+# tree attention for verification (evaluate.py's draft trees, target.py's registered attention).
+# The verify forward feeds N tree tokens (node 0 = the anchor, then the draft nodes, parents first) after
+# P cached tokens; node i sits at position P + depth_i and must see the prefix and its own ancestors only:
+#   o_i = sum_j softmax_j(s_ij) v_j over visible keys j,   s_ij = scale q_i . k_j
+#   visible(i, j) = (j < P and j > lo_i)  or  (j >= P and anc[i, j - P])
+# anc [N, N] (bool or int8): anc[i, j] = node j is node i or one of its ancestors; lo_i = P + depth_i - window
+# for a sliding-window layer (a key is seen iff q_pos - k_pos < window, as in HF), else -1.
+# Grouped-query heads: query head h reads kv head h // G, G = H / Hkv.
+
+
+def _tree_lo(anc, prefix_len, window):
+    """lo [N] long: node i sees cached key j iff j > lo_i; depth_i = |ancestors of i| = anc[i].sum() - 1."""
+    if window:
+        return prefix_len + anc.bool().sum(1) - 1 - window
+    return torch.full((anc.shape[0],), -1, dtype=torch.long, device=anc.device)
+
+
+def tree_attention_ref(q, k, v, anc, prefix_len, scale, window=0):
+    """q [H, N, D] (tree queries), k, v [Hkv, P+N, D] (cache + tree), anc [N, N] -> o [H, N, D]; fp32 math."""
+    H, N, D = q.shape
+    Hkv, S = k.shape[:2]
+    if S != prefix_len + N:
+        raise ValueError(f"tree_attention: {S} keys but prefix_len + N = {prefix_len + N}")
+    pre = torch.arange(prefix_len, device=q.device)[None, :] > _tree_lo(anc, prefix_len, window)[:, None]  # [N, P]
+    vis = torch.cat([pre, anc.bool()], 1)  # [N, S] visible keys
+    qg = q.float().reshape(Hkv, H // Hkv * N, D)  # rows (g, i) of kv head c: query head c * G + g
+    s = (qg @ k.float().transpose(1, 2)) * scale  # [Hkv, G*N, S]
+    s = s.view(Hkv, H // Hkv, N, S).masked_fill(~vis, float("-inf"))
+    o = torch.softmax(s, -1).view(Hkv, H // Hkv * N, S) @ v.float()  # [Hkv, G*N, D]
+    return o.view(H, N, D).to(q.dtype)
+
+
+# Triton: program (m, c, s) owns rows m*BM.. of kv head c (row r = g*N + i: query i of head c*G + g, so the G
+# heads sharing k/v read each key tile once) and the key split s*SPLIT.. (flash-decoding: many programs even
+# for few queries and a long prefix). Per key tile of BN keys, online softmax with running max m and sum l:
+#   m' = max(m, max_j s_j),  l' = l e^(m - m') + sum_j e^(s_j - m'),  acc' = acc e^(m - m') + sum_j e^(s_j - m') v_j
+# A split writes o_s = acc / l and lse_s = m + log l (-inf if it saw no visible key). Since sum over split s
+# of e^(s_j) = e^(lse_s), the host merges o = sum_s e^(lse_s) o_s / sum_s e^(lse_s) = sum_s softmax_s(lse) o_s.
+
+def _tree_kernel():
+    global triton, tl  # imported lazily, as for the loss kernel
+    import triton
+    import triton.language as tl
+
+    key = ("tree", os.environ.get("TRITON_INTERPRET") == "1")
+    if key in _TRITON:
+        return _TRITON[key]
+
+    @triton.jit
+    def tree_attention_kernel(q_ptr, k_ptr, v_ptr, anc_ptr, lo_ptr, o_ptr, lse_ptr, N, P, S, G, D, H, SPLIT, scale,
+                              sqh, sqn, skh, sks, svh, svs,
+                              UPCAST: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                              BD: tl.constexpr):
+        pid_m, c, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = pid_m * BM + tl.arange(0, BM)
+        rmask = rows < G * N
+        i = rows % N  # tree query
+        h = c * G + rows // N  # its query head: h // G = c
+        d = tl.arange(0, BD)
+        dmask = d < D  # head dims padded to a power of two >= 16 (tl.dot)
+        q = tl.load(q_ptr + h[:, None] * sqh + i[:, None] * sqn + d[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)
+        if UPCAST:  # the interpreter mishandles bf16 dots: fp32 after loading
+            q = q.to(tl.float32)
+        lo = tl.load(lo_ptr + i, mask=rmask, other=0)
+        m = tl.full([BM], float("-inf"), tl.float32)
+        l = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, BD], tl.float32)
+        for j0 in range(pid_s * SPLIT, tl.minimum(pid_s * SPLIT + SPLIT, S), BN):
+            cols = j0 + tl.arange(0, BN)
+            cmask = cols < S
+            kv_msk = cmask[:, None] & dmask[None, :]
+            kt = tl.load(k_ptr + c * skh + cols[:, None] * sks + d[None, :], mask=kv_msk, other=0.0)  # [BN, BD]
+            vt = tl.load(v_ptr + c * svh + cols[:, None] * svs + d[None, :], mask=kv_msk, other=0.0)
+            if UPCAST:
+                kt, vt = kt.to(tl.float32), vt.to(tl.float32)
+            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale  # [BM, BN] scores
+            t = cols - P  # tree node of each key (< 0: a cached prefix key)
+            a = tl.load(anc_ptr + i[:, None] * N + t[None, :], mask=rmask[:, None] & (t >= 0)[None, :] & cmask[None, :],
+                        other=0)
+            vis = ((t < 0)[None, :] & (cols[None, :] > lo[:, None])) | (a != 0)
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: e^-inf = 0, not NaN
+            alpha = tl.exp(m - m_use)
+            p = tl.exp(s - m_use[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+            m = m_new
+        # partials of this split: o [NSPLIT, H, N, D], lse [NSPLIT, H, N]
+        row = (pid_s * H + h) * N + i
+        l_use = tl.where(l > 0, l, 1.0)
+        tl.store(o_ptr + row[:, None] * D + d[None, :], acc / l_use[:, None], mask=rmask[:, None] & dmask[None, :])
+        tl.store(lse_ptr + row, tl.where(l > 0, m + tl.log(l_use), float("-inf")), mask=rmask)
+
+    _TRITON[key] = tree_attention_kernel
+    return tree_attention_kernel
+
+
+def tree_attention(q, k, v, anc, prefix_len, scale, window=0):
+    """Tree verification attention: q [H, N, D] (the tree's queries), k, v [Hkv, P+N, D] (cache + tree),
+    anc [N, N] ancestor matrix (bool/int8), prefix_len P -> o [H, N, D]. Triton on CUDA (or TRITON_INTERPRET=1),
+    else tree_attention_ref. window > 0: sliding-window layer (keys with q_pos - k_pos < window only)."""
+    if not _use_triton(q):
+        return tree_attention_ref(q, k, v, anc, prefix_len, scale, window)
+    kernel = _tree_kernel()
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    H, N, D = q.shape
+    Hkv, S = k.shape[:2]
+    if S != prefix_len + N or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError(f"tree_attention: need P+N = {prefix_len + N} keys (got {S}) and contiguous head dims")
+    G = H // Hkv
+    BM, BN, BD = 16 if interpret else 64, 16 if interpret else 64, max(16, triton.next_power_of_2(D))
+    programs = triton.cdiv(G * N, BM) * Hkv
+    if interpret:  # 3 splits: the tests exercise the merge (and splits that see no key)
+        splits = 3
+    else:  # ~2 programs per SM
+        splits = max(1, 2 * torch.cuda.get_device_properties(q.device).multi_processor_count // programs)
+    SPLIT = BN * triton.cdiv(triton.cdiv(S, BN), splits)  # keys per split, a multiple of BN
+    NSPLIT = triton.cdiv(S, SPLIT)
+    lo = _tree_lo(anc, prefix_len, window)
+    o = torch.empty(NSPLIT, H, N, D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(NSPLIT, H, N, device=q.device, dtype=torch.float32)
+    kernel[(triton.cdiv(G * N, BM), Hkv, NSPLIT)](
+        q, k, v, anc.to(torch.int8).contiguous(), lo.to(torch.int32), o, lse, N, prefix_len, S, G, D, H, SPLIT,
+        float(scale), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        UPCAST=interpret, PREC="ieee" if q.dtype == torch.float32 else "tf32", BM=BM, BN=BN, BD=BD, num_warps=4)
+    return (torch.softmax(lse, 0)[..., None] * o).sum(0).to(q.dtype)  # merge the splits (derivation above)

@@ -18,9 +18,12 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 import torch
+
+from kernels import tree_attention
 
 CACHE_ROOT = os.environ.get("NANOSPEC_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanospec"))
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -149,6 +152,39 @@ def smollm2_folder(verbose=True):
 
 
 # -----------------------------------------------------------------------------
+# nanospec's attention, registered with transformers (AttentionInterface, REFERENCE.md s.10): one function serves
+# Qwen3, Llama and Gemma targets. Without a tree it hands over to the model's own implementation (same numerics,
+# with the mask HF builds for it); with tree= (an extra keyword of model(...), passed down to every attention
+# call) it runs kernels.tree_attention: the N tree tokens see the cached prefix and their own ancestors.
+
+def nanospec_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, tree=None, **kwargs):
+    """query [1,Hq,Q,D], key/value [1,Hkv,P+Q,D] -> ([1,Q,Hq,D], None); tree [Q,Q] ancestor matrix or None."""
+    if tree is None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        base = module.config._attn_implementation.removeprefix("nanospec_")
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward") if base == "eager" \
+            else ALL_ATTENTION_FUNCTIONS[base]
+        return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if kwargs.get("softcap") or query.shape[0] != 1:
+        raise NotImplementedError("tree attention: batch 1 only, without attention-logit soft-capping (Gemma 2)")
+    P = key.shape[2] - query.shape[2]  # cached tokens
+    out = tree_attention(query[0], key[0], value[0], tree, P, scaling or query.shape[-1] ** -0.5,
+                         kwargs.get("sliding_window") or 0)  # [Hq, Q, D]; GQA inside
+    return out.transpose(0, 1)[None], None
+
+
+def register_attention(model):
+    """Switch an HF model to nanospec_<its implementation> (idempotent); the mask function stays the original's."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    base = model.config._attn_implementation
+    if not base.startswith("nanospec_"):
+        AttentionInterface.register("nanospec_" + base, nanospec_attention)
+        AttentionMaskInterface.register("nanospec_" + base, ALL_MASK_ATTENTION_FUNCTIONS[base])
+        model.set_attn_implementation("nanospec_" + base)
+
+
+# -----------------------------------------------------------------------------
 
 class Target:
     """A frozen causal LM with its tokenizer, tapped layers and mask token."""
@@ -208,10 +244,17 @@ class Target:
         return z if not self.softcap else torch.tanh(z / self.softcap) * self.softcap
 
     @torch.no_grad()
-    def forward(self, input_ids, cache=None, position_ids=None, attention_mask=None, **kwargs):
-        """Incremental step: input_ids [1,Q] -> (logits [1,Q,V] fp32, taps [1,Q,n*H], cache)."""
+    def forward(self, input_ids, cache=None, position_ids=None, attention_mask=None, tree=None, **kwargs):
+        """Incremental step: input_ids [1,Q] -> (logits [1,Q,V] fp32, taps [1,Q,n*H], cache).
+        tree [Q,Q] bool (tree[i, j]: token j is token i or its ancestor; parents first): verify a draft tree
+        in one forward, token i at position cached + depth_i seeing the cache and its ancestors."""
         from transformers import DynamicCache
         cache = DynamicCache() if cache is None else cache
+        if tree is not None:
+            register_attention(self.model)
+            if position_ids is None:  # depth_i = tree[i].sum() - 1
+                position_ids = (cache.get_seq_length() + tree.sum(-1) - 1)[None].to(self.device)
+            kwargs["tree"] = tree.to(self.device)
         self._taps = {}
         out = self.model(input_ids=input_ids.to(self.device), cache=cache, position_ids=position_ids,
                          attention_mask=attention_mask, use_cache=True, **kwargs)

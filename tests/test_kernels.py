@@ -220,11 +220,11 @@ def test_logits_to_probs_properties():
 
 
 def test_bench_unbuilt_subcommands_exit_2(capsys):
-    """tree/train/decode are placeholders: a clear line and exit code 2."""
+    """train/decode are placeholders: a clear line and exit code 2."""
     import bench
     with pytest.raises(SystemExit) as e:
-        bench.main(["tree", "--device=cpu"])
-    assert e.value.code == 2 and "bench.py tree: not built yet" in capsys.readouterr().out
+        bench.main(["train", "--device=cpu"])
+    assert e.value.code == 2 and "bench.py train: not built yet" in capsys.readouterr().out
 
 
 def test_bench_loss_variant_measures():
