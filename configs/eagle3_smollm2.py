@@ -8,14 +8,15 @@ num_draft_layers = 1
 ttt_length = 7
 draft_vocab_size = 8192          # reduced draft head: the 49k-row lm_head dominates CPU drafting time
 prompts = "builtin"
-num_prompts = 2000
 gen_max_new_tokens = 192
 max_len = 512
 data_mode = "online"
 cache_dir = "out/demo/cache"
 out_dir = "out/demo/eagle3"
-global_batch_size = 8
-micro_batch_size = 4
+# Eagle3 supervises every position at every TTT step (~10x the loss work of 16 DSpark anchors per
+# sequence), so on a CPU it takes 2 sequences per step to train in a comparable time
+global_batch_size = 2
+micro_batch_size = 2
 max_steps = 300
 learning_rate = 1e-3
 dtype = "float32"
