@@ -1,0 +1,391 @@
+"""Confidence-scheduled verification, the second half of the DSpark paper (s.3.2, Algorithm 1, App. A).
+
+    python scheduler.py --draft=out/demo/dspark/step_latest --task=gsm8k --data_dir=DIR --max_new_tokens=128  # CPU
+    python scheduler.py --device=cuda --dtype=bfloat16 --temperature=1.0 --target=Qwen/Qwen3-4B \\
+        --draft=deepseek-ai/dspark_qwen3_4b_block7 --task=gsm8k --calib_prompts=200 --num_prompts=200 --out=o.json
+
+Records batch-1 traces (raw confidences c_1..c_K and accepted drafts per round), fits Sequential Temperature
+Scaling on the first `calib_prompts` prompts (saved as <draft>/calibration.json; ECE/AUROC before/after on
+the rest, reliability diagram PNG), profiles SPS(B) = target steps/s for a verify batch of B tokens (cached
+per target and machine), and SIMULATES (trace replay, not a batched engine) R concurrent requests under
+fixed-length, static-threshold and scheduled (Algorithm 1) verification.
+"""
+import bisect
+import json
+import math
+import os
+import re
+import struct
+import zlib
+
+import torch
+
+from configurator import configure
+
+# defaults (override with a configs/*.py file or --key=value)
+target = ""               # "" = the target recorded in the drafter's config.json
+draft = ""                # DSpark drafter folder or hub id (needs a confidence head); "" = as evaluate.py
+task = "humaneval"        # evaluate.py task name (first turn of each prompt) or any <name>.jsonl in data_dir
+data_dir = ""             # folder of <task>.jsonl (as evaluate.py)
+calib_prompts = 16        # the first prompts of the task fit STS; 0 = use <draft>/calibration.json as is
+num_prompts = 16          # the next prompts: held-out ECE/AUROC and the simulator's traces (0 = all the rest)
+max_new_tokens = 128      # per prompt
+block_size = 0            # drafts per round; 0 = the drafter's block_size
+temperature = 0.0         # 0 = greedy; to the target and the drafter alike
+seed = 0
+device = "cpu"            # "" = cuda if available, else cpu
+dtype = "float32"
+sts_grid = 81             # temperatures tried per position, log-spaced in [1/20, 20]
+ece_bins = 10             # equal-width bins of ECE and of the reliability diagram
+sps_file = ""             # SPS cache; "" = ~/.cache/nanospec/sps/<target>-<device>-<dtype>.json
+sps_context = 64          # cached tokens in front of each profiled verify batch
+sps_repeats = 3           # timed forwards per batch size (median), after one warm-up
+concurrency = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+conf_threshold = 0.5      # static-threshold baseline: verify leading slots while c >= threshold
+sim_steps = 500           # simulated verify steps per (R, policy)
+out = ""                  # report JSON path ("" = tables only)
+if __name__ == "__main__":  # not on import: tests import the functions
+    config = configure(globals())
+
+# -----------------------------------------------------------------------------
+# Sequential Temperature Scaling (paper s.3.2.1)
+#
+# The confidence head predicts c_k = P(slot k accepted | slots < k accepted), so the chance that the
+# first k drafts all survive is a_k = prod_{i<=k} c_i (chain rule). Heads are over-confident; STS fits,
+# left to right, the T_k minimizing the ECE of a_k against the observed prefix acceptance 1[n >= k],
+# with T_1..T_{k-1} fixed. sigmoid(z / T) with T > 0 is increasing in z: each position's ranking stays.
+
+EPS = 1e-6
+
+
+def write_json(path, obj):
+    """Atomic write (tmp file + rename): a reader sees the old file or the new one, never half of one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def calibrate(conf, temps):
+    """conf [..., k] confidences -> sigmoid(logit(c) / T) per position (temps[:k]); None = identity."""
+    if temps is None:
+        return conf
+    if len(temps) < conf.shape[-1]:
+        raise ValueError(f"calibrate: {conf.shape[-1]} positions but only {len(temps)} temperatures")
+    t = torch.tensor(temps[:conf.shape[-1]], dtype=torch.float64, device=conf.device)
+    return torch.sigmoid(torch.logit(conf.double().clamp(EPS, 1 - EPS)) / t).to(conf.dtype)
+
+
+def load_calibration(draft_dir):
+    """<draft_dir>/calibration.json -> per-position temperatures (None when the drafter was never calibrated)."""
+    path = os.path.join(draft_dir, "calibration.json")
+    rec = json.load(open(path)) if os.path.exists(path) else None
+    if rec is not None and (rec.get("format"), rec.get("version")) != ("nanospec-calibration", 1):
+        raise SystemExit(f"{path} is not a nanospec calibration v1. HINT: python scheduler.py --draft={draft_dir}")
+    return rec and [float(t) for t in rec["temperatures"]]
+
+
+def ece(pred, label, bins=10):
+    """Expected calibration error: sum over equal-width bins of |sum(pred - label)| / N."""
+    idx = (pred * bins).long().clamp(0, bins - 1)
+    return float(torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, pred.double() - label.double()).abs().sum()
+                 / max(len(pred), 1))
+
+
+def auroc(score, label):
+    """P(score of a positive > score of a negative), ties count 1/2; None without both classes."""
+    pos, neg = score[label.bool()], torch.sort(score[~label.bool()]).values
+    if not len(pos) or not len(neg):
+        return None
+    below = torch.searchsorted(neg, pos, right=False) + torch.searchsorted(neg, pos, right=True)  # 2x(<) + (=)
+    return float(below.double().sum() / 2 / (len(pos) * len(neg)))
+
+
+def survival(conf):
+    """conf [..., K] conditional confidences -> a [..., K], a_k = prod_{i<=k} c_i (prefix survival)."""
+    return torch.cumprod(conf.double(), -1)
+
+
+def fit_sts(conf, accepted, grid=81, bins=10):
+    """conf [N, K] raw confidences, accepted [N] drafts kept per round -> temperatures [K] (left to right)."""
+    y = accepted[:, None] > torch.arange(conf.shape[1])  # [N, K]: slot k in the accepted prefix
+    temps, prefix = [], torch.ones(len(conf), dtype=torch.float64)
+    grid = torch.logspace(-math.log10(20), math.log10(20), grid, dtype=torch.float64).tolist()
+    for k in range(conf.shape[1]):
+        scale = lambda T: calibrate(conf[:, k:k + 1].double(), [T])[:, 0]
+        best = min(grid, key=lambda T: (ece(prefix * scale(T), y[:, k], bins), abs(math.log(T))))  # ties: nearest 1
+        temps.append(best)
+        prefix = prefix * scale(best)  # a_k with T_1..T_k fixed
+    return temps
+
+
+def calibration_table(conf, accepted, temps, bins=10):
+    """Per position k: rounds, observed survival, mean predicted a_k, ECE and AUROC of a_k before/after STS."""
+    y = accepted[:, None] > torch.arange(conf.shape[1])
+    raw, cal = survival(conf), survival(calibrate(conf.double(), temps))
+    return [dict(pos=k + 1, T=temps[k] if temps else 1.0, rounds=len(conf), observed=float(y[:, k].double().mean()),
+                 pred_before=float(raw[:, k].mean()), pred_after=float(cal[:, k].mean()),
+                 ece_before=ece(raw[:, k], y[:, k], bins), ece_after=ece(cal[:, k], y[:, k], bins),
+                 auroc_before=auroc(raw[:, k], y[:, k]), auroc_after=auroc(cal[:, k], y[:, k]))
+            for k in range(conf.shape[1])]
+
+
+def write_png(path, img):
+    """img [H, W, 3] uint8 (numpy) -> an 8-bit RGB PNG, written with zlib + struct only (no matplotlib)."""
+    h, w, _ = img.shape
+    chunk = lambda tag, data: (struct.pack(">I", len(data)) + tag + data +
+                               struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+    raw = b"".join(b"\x00" + img[y].tobytes() for y in range(h))  # filter type 0 (none) per scanline
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) +
+                chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def reliability_diagram(path, conf, accepted, temps, bins=10, S=160):
+    """One panel per position: x = predicted survival a_k, y = observed acceptance per bin; gray diagonal =
+    perfect calibration, big red squares = raw, small blue = after STS, gray bars = share of rounds."""
+    import numpy as np
+    K = conf.shape[1]
+    y = (accepted[:, None] > torch.arange(K)).double()
+    img = np.full((S + 20, K * (S + 10) + 10, 3), 255, np.uint8)
+    for k in range(K):
+        p = img[10:10 + S, 10 + k * (S + 10):10 + k * (S + 10) + S]  # panel view [S, S, 3], row 0 = top
+        p[:] = 240
+        p[[S // 4, S // 2, 3 * S // 4]], p[:, [S // 4, S // 2, 3 * S // 4]] = 225, 225  # grid at .25 .5 .75
+        p[S - 1 - np.arange(S), np.arange(S)] = 150                   # y = x
+        raw, cal = survival(conf)[:, k], survival(calibrate(conf.double(), temps))[:, k]
+        share = torch.bincount((cal * bins).long().clamp(0, bins - 1), minlength=bins) / len(cal)
+        for b in range(bins):  # gray bars: share of rounds per bin (after STS), up to S/4
+            p[S - int(S / 4 * float(share[b])):, int(b * S / bins) + 2:int((b + 1) * S / bins) - 2] = 200
+        for a, color, r in ((raw, (220, 40, 40), 4), (cal, (40, 80, 220), 2)):  # markers: (mean predicted, observed)
+            idx = (a * bins).long().clamp(0, bins - 1)
+            for b in idx.unique().tolist():
+                px, py = int(float(a[idx == b].mean()) * (S - 1)), S - 1 - int(float(y[idx == b, k].mean()) * (S - 1))
+                p[max(py - r, 0):py + r + 1, max(px - r, 0):px + r + 1] = color
+    write_png(path, img)
+
+
+# -----------------------------------------------------------------------------
+# engine profile SPS(B): target forward steps per second for a verify batch of B tokens
+
+@torch.no_grad()
+def profile_sps(target, batch_sizes, context=64, repeats=3):
+    """{B: steps/s} of one target forward of B new tokens (logits and taps, as a verify) after `context`
+    cached tokens; median of `repeats` timed runs after a warm-up. One sequence of B tokens stands in for
+    R requests of 1 + l_r tokens: the same linear layers, but shared-context attention (a lower bound)."""
+    from evaluate import _clock
+    dev, g = target.device, torch.Generator().manual_seed(0)
+    ids = torch.randint(target.config.vocab_size, (1, context + max(batch_sizes)), generator=g).to(dev)
+    _, _, cache = target.forward(ids[:, :context])
+    out = {}
+    for B in batch_sizes:
+        times = []
+        for _ in range(repeats + 1):
+            t0 = _clock(dev)
+            target.forward(ids[:, context:context + B], cache)
+            times.append(_clock(dev) - t0)
+            cache.crop(-B)  # back to the context
+        out[B] = 1.0 / sorted(times[1:])[len(times[1:]) // 2]
+    return out
+
+
+def clean_sps(measured):
+    """{B: steps/s} -> dense table, table[B] for B = 0..max(B) (table[0] unused), made non-increasing in B:
+    1) the step time 1/SPS is interpolated linearly between profiled B (flat below the smallest);
+    2) SPS(B) = max over B' >= B of SPS(B'): an engine can always pad a batch of B tokens to B' > B, so a
+       dip (timing noise, or a shape its kernels handle badly) is never slower than the next larger batch."""
+    Bs = sorted(measured)
+    t = [1.0 / measured[b] for b in Bs]
+    table = []
+    for B in range(Bs[-1] + 1):
+        i = bisect.bisect_left(Bs, B)
+        table.append(1.0 / (t[0] if i == 0 else t[i - 1] + (B - Bs[i - 1]) / (Bs[i] - Bs[i - 1]) * (t[i] - t[i - 1])))
+    for B in range(len(table) - 2, -1, -1):
+        table[B] = max(table[B], table[B + 1])
+    return table
+
+
+def sps_lookup(table):
+    """Dense table -> SPS(B); beyond the profiled range the step time grows linearly with B (compute bound)."""
+    top = len(table) - 1
+    return lambda B: table[B] if B <= top else table[top] * top / B
+
+
+def engine_profile(target, max_batch, path="", context=64, repeats=3, dtype="float32"):
+    """Cleaned SPS table for this target and machine, profiled once and cached as JSON -> (table, record, path).
+    Profiled at B = 1, 2, 3, 4, 6, 8, 12, ... (powers of two and 1.5x) and max_batch; re-profiled when the
+    cache does not reach max_batch or used another context."""
+    dev = target.device
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu{torch.get_num_threads()}t"
+    path = path or os.path.join(os.path.expanduser("~"), ".cache", "nanospec", "sps",
+                                re.sub(r"[^A-Za-z0-9._-]+", "_", f"{target.name}-{where}-{dtype}") + ".json")
+    rec = json.load(open(path)) if os.path.exists(path) else {}
+    measured = {int(b): s for b, s in rec.get("measured", {"0": 0}).items()}
+    if rec.get("format") == "nanospec-sps" and rec.get("context") == context and max(measured) >= max_batch:
+        return clean_sps(measured), rec, path
+    grid = sorted({b for k in range(max_batch.bit_length()) for b in (2 ** k, 3 * 2 ** k // 2) if b <= max_batch}
+                  | {max_batch})
+    measured = profile_sps(target, grid, context, repeats)
+    rec = dict(format="nanospec-sps", version=1, target=target.name, device=where, dtype=dtype, context=context,
+               repeats=repeats, measured={str(b): s for b, s in measured.items()})  # table = clean_sps(measured)
+    write_json(path, rec)
+    return clean_sps(measured), rec, path
+
+
+# -----------------------------------------------------------------------------
+# verification lengths for R concurrent requests: Algorithm 1 and the two baselines
+
+def schedule(conf, sps, early_stop=True):
+    """Hardware-aware prefix scheduler (Algorithm 1). conf [R, K] calibrated conditional confidences,
+    sps: B -> steps/s -> verification lengths l_r (drafts verified per request).
+
+    Candidates (r, j) are admitted in descending a_rj (ties: request, then slot, so a request's admitted
+    slots stay a prefix); each adds one token to the batch, B = R + admitted, and a_rj expected accepts,
+    tau = R + sum a; throughput Theta = tau * SPS(B). The early stop (stop at the first admission that does
+    not raise Theta) makes "l_r >= j" depend only on a_r1..a_rj, i.e. on drafts before slot j: it never
+    looks at c_{r,j+1}, which depends on the drafted x_rj (Appendix A), so verification stays lossless.
+    early_stop=False keeps the best point of the whole path: the retrospective search, NOT lossless."""
+    a = survival(torch.as_tensor(conf)).tolist()
+    R = len(a)
+    cand = sorted((-arj, r, j) for r, row in enumerate(a) for j, arj in enumerate(row) if arj > 0)
+    B, tau, best, best_n = R, float(R), R * sps(R), 0  # nothing admitted: each request verifies its anchor only
+    for n, (neg_a, r, j) in enumerate(cand, 1):
+        B, tau = B + 1, tau - neg_a
+        theta = tau * sps(B)  # expected committed tokens per second
+        if theta > best:
+            best, best_n = theta, n
+        elif early_stop:
+            break
+    lengths = [0] * R
+    for _, r, j in cand[:best_n]:
+        lengths[r] = max(lengths[r], j + 1)
+    return lengths
+
+
+def threshold_lengths(conf, threshold):
+    """Static threshold (DeepSpec's): verify the leading slots whose confidence c_k >= threshold."""
+    return (torch.as_tensor(conf) >= threshold).long().cumprod(-1).sum(-1).tolist()
+
+
+# -----------------------------------------------------------------------------
+# traces (batch 1, real drafter) and the concurrency simulator
+
+@torch.no_grad()
+def record_trace(target, drafter, prompt_ids, max_new_tokens, K, temperature=0.0, generator=None):
+    """Speculative decoding of one prompt with K drafts per round (evaluate.verify_chain: lossless) ->
+    [(conf [K] raw confidences, n accepted drafts)] per round."""
+    from evaluate import sample_token, verify_chain
+    dev, eos, warp = target.device, target.eos_token_ids, dict(temperature=temperature, top_k=0, top_p=1.0)
+    logits, taps, cache = target.forward(prompt_ids[None].to(dev), logits_to_keep=1)  # prefill
+    token = sample_token(logits[0, -1], generator=generator, **warp)
+    state, out, rounds = drafter.start(prompt_ids.to(dev), taps[0]), [token], []
+    while token not in eos and len(out) < max_new_tokens:
+        drafts, q, conf = drafter.propose(state, token, K, generator=generator, **warp)  # [K], [K, V], [K]
+        if conf is None:
+            raise SystemExit(f"scheduler: {type(drafter).__name__} has no confidence head: train a DSpark drafter "
+                             f"with enable_confidence_head=True")
+        ids = torch.cat([torch.tensor([token], device=dev), drafts.to(dev)])[None]  # [1, K+1]: anchor, drafts
+        logits, taps, cache = target.forward(ids, cache)
+        n, token = verify_chain(logits[0], ids[0, 1:], q, generator=generator, **warp)
+        rounds.append((conf.float().cpu(), n))
+        emit = ids[0, 1:n + 1].tolist() + [token]
+        if any(x in eos for x in emit):
+            break
+        if n < K:
+            cache.crop(n - K)
+        out += emit
+        drafter.commit(state, ids[0, :n + 1], taps[0, :n + 1])
+    return rounds
+
+
+def simulate(conf, accepted, sps, R, policy, steps=500, threshold=0.5):
+    """Replay recorded rounds (conf [N, K], accepted [N]) for R always-busy requests -> throughput stats.
+
+    Request r walks the pooled rounds from offset r*N/R; a step verifies l_r drafts per request
+    (plain: 0, fixed: K, threshold, scheduled), commits min(n, l_r) + 1 tokens (acceptance of a slot does
+    not depend on how many slots after it are verified) and takes 1 / SPS(R + sum l) seconds (target only:
+    drafting, sampling and scheduling time are not counted). Rounds are treated as exchangeable: after a
+    shorter verify the text would differ, the replay just takes the next recorded round. Simulated."""
+    N, K = conf.shape
+    tokens = secs = drafts = 0.0
+    for s in range(steps):
+        idx = (torch.arange(R) * N // R + s) % N
+        c, n = conf[idx], accepted[idx]
+        L = {"plain": lambda: [0] * R, "fixed": lambda: [K] * R, "scheduled": lambda: schedule(c, sps),
+             "threshold": lambda: threshold_lengths(c, threshold)}[policy]()
+        L = torch.tensor(L)
+        tokens += float((torch.minimum(n, L) + 1).sum())
+        drafts += float(L.sum())
+        secs += 1.0 / sps(R + int(L.sum()))
+    return dict(tokens_per_s=tokens / secs, per_request_tokens_per_s=tokens / secs / R,
+                mean_len=drafts / steps / R, tau=tokens / steps / R)
+
+
+# -----------------------------------------------------------------------------
+if __name__ == "__main__":
+    from tqdm import tqdm
+    from evaluate import drafter_block_size, load_drafter, load_task, messages_of, resolve_draft, target_of
+    from target import load_target
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+
+    # --- models and traces --------------------------------------------------------
+    draft_path, draft_cfg = resolve_draft(draft)
+    tgt = load_target(target or target_of(draft_cfg), dtype=dtype, device=device,
+                      layer_ids=draft_cfg.get("text_config", draft_cfg).get("target_layer_ids"),
+                      mask_token_id=draft_cfg.get("mask_token_id"))
+    drafter = load_drafter(draft_path, tgt)
+    K = block_size or drafter_block_size(drafter)
+    rows = load_task(task, data_dir, calib_prompts + num_prompts if num_prompts else 0)
+    if len(rows) <= calib_prompts:
+        raise SystemExit(f"scheduler: {task} has {len(rows)} prompts, none left after calib_prompts={calib_prompts}")
+    print(f"scheduler: target {tgt.name}, drafter {draft_path}, K={K}, {len(rows)} prompts of {task} "
+          f"({calib_prompts} for STS), temperature {temperature}, {dtype} on {device}")
+    traces = [record_trace(tgt, drafter, tgt.render_prompt(messages_of(turns[0])), max_new_tokens, K, temperature,
+                           torch.Generator(tgt.device).manual_seed(seed * 1_000_003 + i))  # first turn only
+              for i, turns in enumerate(tqdm(rows, desc="traces", dynamic_ncols=True))]
+    pool = lambda ts: (torch.stack([c for t in ts for c, _ in t]), torch.tensor([n for t in ts for _, n in t]))
+    conf, acc = pool(traces[calib_prompts:])  # held-out rounds: [N, K], [N]
+
+    # --- calibration (STS) ------------------------------------------------------------
+    temps = fit_sts(*pool(traces[:calib_prompts]), sts_grid, ece_bins) if calib_prompts else \
+        load_calibration(draft_path)
+    cal_rows = calibration_table(conf, acc, temps, ece_bins)
+    f = lambda x, s="{:.3f}": "-" if x is None else s.format(x)
+    print(f"\ncalibration on {len(conf)} held-out rounds ({len(traces) - calib_prompts} prompts); a_k = prod c_i, "
+          f"observed = P(first k drafts accepted)\n pos     T_k  observed  pred raw  pred STS  ECE raw  ECE STS  "
+          f"AUC raw  AUC STS")
+    for r in cal_rows:
+        print(f"{r['pos']:>4}{r['T']:>8.3f}{r['observed']:>10.3f}{r['pred_before']:>10.3f}{r['pred_after']:>10.3f}"
+              f"{100 * r['ece_before']:>8.1f}%{100 * r['ece_after']:>8.1f}%{f(r['auroc_before']):>9}"
+              f"{f(r['auroc_after']):>9}")
+    if calib_prompts:  # the temperatures travel with the drafter
+        write_json(os.path.join(draft_path, "calibration.json"), dict(
+            format="nanospec-calibration", version=1, method="sequential temperature scaling (DSpark s.3.2.1)",
+            temperatures=temps, task=task, prompts=calib_prompts, sampling_temperature=temperature, heldout=cal_rows))
+        reliability_diagram(os.path.join(draft_path, "reliability.png"), conf, acc, temps, ece_bins)
+        print(f"scheduler: wrote {draft_path}/calibration.json and reliability.png (red raw, blue STS, gray rounds)")
+
+    # --- engine profile ------------------------------------------------------------------
+    max_batch = max(concurrency) * (K + 1)
+    table, sps_rec, sps_path = engine_profile(tgt, max_batch, sps_file, sps_context, sps_repeats, dtype)
+    sps = sps_lookup(table)
+    print(f"\nSPS(B) from {sps_path} (target steps/s, monotone-cleaned): " +
+          " ".join(f"{b}:{table[b]:.1f}" for b in sorted(int(b) for b in sps_rec["measured"])))
+
+    # --- simulated concurrency -------------------------------------------------------------
+    cal = calibrate(conf, temps)
+    policies = {"plain": cal, "fixed": cal, "threshold": cal, "scheduled": cal, "sched-raw": conf}
+    sim = {R: {p: simulate(c, acc, sps, R, p.replace("sched-raw", "scheduled"), sim_steps, conf_threshold)
+               for p, c in policies.items()} for R in concurrency}
+    print(f"\nSIMULATED (trace replay of {len(conf)} recorded rounds against SPS(B); drafting time not counted): "
+          f"aggregate tokens/s | per-request tokens/s | mean drafts verified per request; threshold "
+          f"{conf_threshold} on calibrated c; sched-raw = Algorithm 1 on uncalibrated c")
+    print(f"{'R':>5}" + "".join(f"{p:>25}" for p in policies))
+    for R, res in sim.items():
+        print(f"{R:>5}" + "".join(f"{r['tokens_per_s']:>11.1f} {r['per_request_tokens_per_s']:>7.2f} "
+                                  f"{r['mean_len']:>4.1f}" for r in res.values()))
+    if out:
+        write_json(out, dict(config=config, calibration=dict(temperatures=temps, heldout=cal_rows),
+                             sps=dict(path=sps_path, measured=sps_rec["measured"]), simulated=sim))
+        print(f"scheduler: report written to {out}")
