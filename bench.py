@@ -10,26 +10,17 @@ writes one JSON {"bench": name, "device": ..., "date": ..., "machine": {...}, "r
     python bench.py tree --device=cpu --out=out/bench_tree_cpu.json    # chain vs tree decoding (smollm2), CPU attention
     python bench.py train | decode                                     # not built yet (exit code 2)
 
-`loss` runs forward + backward of soft CE (Eagle3) and of DSpark's 0.1 ce + 0.9 l1 with the low-rank
-Markov bias (A [N, r], Bm [V, r]), naive (full [N, V] softmaxes) vs fused (kernels.py), each variant
-in a fresh subprocess so one variant's allocator state cannot leak into another's numbers.
-Peak memory is measured above the process's baseline once the inputs exist:
-  cuda: torch.cuda.reset_peak_memory_stats(), then max_memory_allocated() - memory_allocated() before.
-  cpu:  after a tiny warm-up call (library init is not the loss's memory), write "5" to
-        /proc/self/clear_refs, which resets the kernel's peak-RSS counter VmHWM to the current VmRSS;
-        run one step; peak = VmHWM - VmRSS(before). (ru_maxrss cannot be reset: it would include the
-        input setup.) Without clear_refs we fall back to ru_maxrss - VmRSS(before) and say so.
-        RSS counts what the allocator keeps after free, so it is an upper bound on live tensors.
-  Both include the gradients the step returns (e.g. grad Bm [V, r] fp32: 50 MB on cpu).
-`tree` times tree attention at Qwen3-4B heads (32 query / 8 kv heads, head dim 128; bf16 on cuda, fp32 on cpu)
-for prefix lengths --prefix and tree sizes --nodes (random trees): kernels.tree_attention (Triton, cuda only),
-the PyTorch reference and SDPA with a boolean mask, each with its max error against the reference. Then greedy
-decoding of a few prompts with the --target (smollm2) and a drafter (--draft, else out/demo/dspark/step_latest,
-else a randomly initialized DSpark: mechanics only): chain of block size K vs trees of --budgets nodes (0 = K:
-equal budget), tau (committed tokens per verify), tokens/s, and whether the outputs equal the chain's.
-Times are medians over --repeats steps after the measured one (and over --rounds). On cpu torch runs
-1 thread unless --threads says otherwise: on a shared 2-core machine each multi-threaded op waits at an
-OpenMP barrier for a thread the neighbours have descheduled (~10 ms per op): that times the neighbours.
+`loss`: forward + backward of soft CE (Eagle3) and DSpark's 0.1 ce + 0.9 l1 with the low-rank Markov
+bias, naive (full [N, V] softmaxes) vs fused (kernels.py), each variant in a fresh subprocess. Peak
+memory above the baseline once the inputs exist: cuda, max_memory_allocated after a reset; cpu, VmHWM
+after writing "5" to /proc/self/clear_refs (resets the peak-RSS counter) minus VmRSS before the step
+(fallback ru_maxrss, reported as such). Both include the returned gradients (grad Bm: 50 MB on cpu).
+`tree`: tree attention at Qwen3-4B heads (32/8, hd 128) for --prefix x --nodes: the Triton kernel (cuda),
+the PyTorch reference and SDPA with a mask, with max errors; then greedy decoding with --target and
+--draft (default the demo's DSpark, else a random one): chain vs trees of --budgets nodes (0 = block
+size: equal budget), tau, tokens/s, and whether outputs equal the chain's.
+Times are medians over --repeats (and --rounds). On cpu torch runs 1 thread unless --threads says
+otherwise: on a shared 2-core machine a 2-thread op waits at an OpenMP barrier for a descheduled thread.
 """
 import argparse
 import datetime

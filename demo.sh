@@ -38,7 +38,7 @@ print(f"{'drafter':8} {'temp':>4} {'tau':>5} {'acc@1..4 (conditional)':>26} {'to
 for d in ("dspark", "dflash", "eagle3"):
     for t, suffix in ((0, ""), (1, "_t1")):
         o = json.load(open(f"{demo}/{d}{suffix}.json"))["overall"]
-        acc = " ".join(f"{a:.2f}" for a in o["accept_rate_conditional"][:4])
+        acc = " ".join("-" if a is None else f"{a:.2f}" for a in o["accept_rate_conditional"][:4])
         note = "" if o["speedup"] >= 1 else "  (slower than plain decoding)"
         print(f"{d:8} {t:>4} {o['tau']:5.2f} {acc:>26} {o['tokens_per_s']:6.1f} {o['baseline_tokens_per_s']:6.1f}"
               f" {o['speedup']:7.2f}x{note}")

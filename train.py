@@ -191,12 +191,9 @@ else:
     raise SystemExit(f"train: drafter must be dspark, dflash or eagle3, got {drafter!r}")
 drafter_cfg.update(target_layer_ids=tgt.layer_ids, draft_vocab_size=draft_vocab_size, target_name=target)
 model = Drafter.from_target(tgt, **drafter_cfg).to(device)
-if draft_vocab_size:
-    # the reduced head keeps the most frequent tokens of the training answers (DESIGN.md)
-    counts = torch.zeros(tgt.config.vocab_size, dtype=torch.long)
-    for i in pool[:2000]:
-        r = get_record(i)
-        counts.index_add_(0, r["input_ids"][r["loss_mask"].bool()].cpu(), torch.ones_like(r["input_ids"][r["loss_mask"].bool()].cpu()))
+if draft_vocab_size:  # the reduced head keeps the most frequent tokens of the training answers (DESIGN.md)
+    answer_ids = torch.cat([r["input_ids"][r["loss_mask"].bool()] for r in map(get_record, pool[:2000])])
+    counts = torch.bincount(answer_ids.cpu(), minlength=tgt.config.vocab_size)
     model.set_draft_vocab(torch.topk(counts, draft_vocab_size).indices.sort().values)
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
@@ -250,9 +247,7 @@ def save_checkpoint(step):
 
 
 def all_reduce(t):
-    if ddp:
-        dist.all_reduce(t)
-    return t
+    return dist.all_reduce(t) or t if ddp else t
 
 
 # --- training loop -----------------------------------------------------------------------------------
