@@ -7,13 +7,11 @@
     python build_cache.py configs/dspark_qwen3_4b.py --stage=answers --server_url=http://localhost:8000
     torchrun --nproc_per_node=8 build_cache.py configs/dspark_qwen3_4b.py --stage=features
 
-Stage "answers": the target regenerates every assistant turn (user turns kept) into
-cache_dir/answers.jsonl, in input order, appended as rows finish (a killed run resumes), sampled with
-a seed per (seed, sample, turn) so batching, ranks and restarts never change an answer. The hub source
-(mlabonne/open-perfectblend) is untested here (no network). Stage "features": one batch-1 target
-forward per answer; shards rank{r}_shard{k}.bin (+ .idx.npy) and manifest.json hold the ids, the loss
-mask (bits), taps [T, n*H] and last_hidden where label_mask = 1, in bf16 (exact) or fp8 e4m3 with an
-fp32 scale per (token, layer): bytes_per_token() vs DeepSpec's 6 + 12H. CacheReader reads them.
+Stage "answers": the target regenerates every assistant turn (user turns kept) into cache_dir/answers.jsonl, in input
+order, appended as rows finish (a killed run resumes), seeded per (seed, sample, turn) so batching, ranks and restarts
+never change an answer. Stage "features": one batch-1 target forward per answer; shards rank{r}_shard{k}.bin
+(+ .idx.npy) and manifest.json hold the ids, the loss mask (bits), taps [T, n*H] and last_hidden where label_mask = 1,
+in bf16 (exact) or fp8 e4m3 with an fp32 scale per (token, layer): bytes_per_token() vs DeepSpec's 6 + 12H.
 """
 import glob
 import hashlib
@@ -34,8 +32,7 @@ from configurator import configure
 from kernels import logits_to_probs
 from target import load_target
 
-# -----------------------------------------------------------------------------
-# default config (configs/*.py and --key=value override these)
+# --- default config (configs/*.py and --key=value override these) ---------------------------------
 target = "smollm2"             # alias, local path or hub id
 target_layer_ids = None        # None = the target's default taps
 dtype = "float32"              # target compute dtype ("bfloat16" on GPUs, as train.py's online mode)
@@ -44,7 +41,7 @@ seed = 0
 cache_dir = "out/cache"
 stage = "all"                  # "all" | "answers" | "features"
 # prompts -> answers
-prompts = "builtin"            # "builtin" | "open-perfectblend" (hub) | path to a .jsonl
+prompts = "builtin"            # "builtin" | "open-perfectblend" (hub; untested here, no network) | path to a .jsonl
 num_prompts = 256              # 0 = every prompt of the source (builtin: 4096)
 gen_max_new_tokens = 256       # answer tokens per turn
 gen_temperature = 0.7
@@ -66,12 +63,10 @@ _MAGIC, _VERSION = "nanospec-cache", 1
 _FP8_MAX = 448.0               # largest finite float8_e4m3fn
 _IDX_FIELDS = ["sample_id", "length", "n_labels", "offset", "nbytes"]  # one int64 row per sample
 
-# -----------------------------------------------------------------------------
-# prompt sources
+# --- prompt sources -------------------------------------------------------------------------------
 
 _ROLES = {"user": "user", "human": "user", "prompter": "user", "assistant": "assistant", "gpt": "assistant",
           "chatgpt": "assistant", "bot": "assistant", "model": "assistant", "system": "system"}
-
 
 def normalize_conversation(row):
     """{"conversations": [{role|from, content|value}, ...]} or {"turns": [user turn, ...]} -> [{"role",
@@ -83,10 +78,8 @@ def normalize_conversation(row):
         return None
     out = [{"role": _ROLES.get(str(t.get("role", t.get("from"))).lower()), "content": t.get("content", t.get("value"))}
            for t in turns]
-    if any(m["role"] is None or not isinstance(m["content"], str) for m in out):
-        return None
-    return out if any(m["role"] == "user" and m["content"].strip() for m in out) else None
-
+    ok = all(m["role"] is not None and isinstance(m["content"], str) for m in out)
+    return out if ok and any(m["role"] == "user" and m["content"].strip() for m in out) else None
 
 def _json_or_none(line):
     try:
@@ -94,15 +87,13 @@ def _json_or_none(line):
     except ValueError:
         return None
 
-
 def load_prompts(source, n=0, seed=0):
     """source -> up to n conversations (0 = all); malformed rows are skipped and counted."""
     if source == "builtin":
         return builtin_prompts(n or 4096, seed)
     if source == "open-perfectblend":  # the recipe's prompts: 5% held out with seed 42, we take the 95%
         from datasets import load_dataset
-        ds = load_dataset("mlabonne/open-perfectblend", split="train").train_test_split(test_size=0.05, seed=42)
-        rows = ds["train"]
+        rows = load_dataset("mlabonne/open-perfectblend", split="train").train_test_split(0.05, seed=42)["train"]
     elif source.endswith(".jsonl") and os.path.exists(source):
         rows = (_json_or_none(line) for line in open(source, encoding="utf-8") if line.strip())
     else:
@@ -116,7 +107,6 @@ def load_prompts(source, n=0, seed=0):
     if bad:
         print(f"prompts: skipped {bad} malformed rows of {source}")
     return convs
-
 
 # word lists of the builtin prompts ('|'-separated)
 _NAMES = "Ava|Ben|Chloe|Dev|Elena|Farid|Grace|Hiro|Ines|Jamal|Kira|Leo|Maya|Nils|Omar|Priya|Rosa|Zoe".split("|")
@@ -146,7 +136,6 @@ _SUBJECTS = ("a lighthouse keeper's message in a bottle|a city where it always r
              "day at work|an old bicycle|a lost cat|a solar-powered backpack|a community garden").split("|")
 _FOLLOW_UPS = ("Can you make that shorter?|Now explain it another way.|Give me one more example.|What is the most "
                "important point?|Summarize your answer in one sentence.|Why is that?").split("|")
-
 
 def builtin_prompts(n, seed=0):
     """n distinct offline chat prompts from templates and random numbers (math, code, explanations,
@@ -186,32 +175,27 @@ def builtin_prompts(n, seed=0):
             convs.append([{"role": "user", "content": t} for t in turns])
     return convs
 
-# -----------------------------------------------------------------------------
-# answers: regenerated by the target, in-process (batched, left padded) or through a server
+# --- answers: regenerated by the target, in-process (batched, left padded) or through a server ----
 
 _counts = {"gen_tokens": 0}  # generated tokens, for the tokens/s printout
-
 
 def sample_seed(seed, sample_id, turn=0):
     """A 31-bit seed per (run seed, sample, turn): an answer never depends on its batch or rank."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{sample_id}/{turn}".encode()).digest()[:4], "little") >> 1
 
-
 def generate_batch(target, prompts, seeds, max_new_tokens=256, temperature=0.7, top_p=0.8, top_k=20):
-    """Message lists ending with a user turn -> [(answer, "stop" | "length")] from one batched generate().
-    Row b draws with its own generator (seeds[b]) in a logits processor that leaves only the drawn token
-    finite, so greedy generate() emits it: an answer is the same in any batch (up to padding float noise)."""
+    """Message lists ending with a user turn -> [(answer, "stop" | "length")] from one batched generate(). Row b
+    samples with its own generator seeds[b]: an answer is the same in any batch (up to padding float noise)."""
     from transformers import GenerationConfig, LogitsProcessorList
     ids = [target.render_prompt(m) for m in prompts]  # thinking off
-    B, W, dev = len(ids), max(len(x) for x in ids), target.device
-    eos = sorted(target.eos_token_ids)
+    B, W, dev, eos = len(ids), max(len(x) for x in ids), target.device, sorted(target.eos_token_ids)
     pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else eos[0]
     x, mask = torch.full((B, W), pad, dtype=torch.long), torch.zeros(B, W, dtype=torch.long)
     for b, p in enumerate(ids):  # left padding: every prompt ends at column W-1
         x[b, W - len(p):], mask[b, W - len(p):] = p, 1
     gens = [torch.Generator(dev).manual_seed(s) for s in seeds]
 
-    def sampler(input_ids, scores):  # scores [B, V] -> -inf except at each row's drawn token
+    def sampler(input_ids, scores):  # scores [B, V] -> -inf except at each row's drawn token: greedy emits it
         probs = logits_to_probs(scores, temperature, top_k, top_p)  # one-hot argmax at temperature 0
         tok = torch.cat([torch.multinomial(q, 1, generator=g) for q, g in zip(probs, gens)])
         return torch.full_like(scores, float("-inf")).scatter_(1, tok.view(-1, 1), 0.0)
@@ -225,7 +209,6 @@ def generate_batch(target, prompts, seeds, max_new_tokens=256, temperature=0.7, 
         text = target.tokenizer.decode(row[:stop], skip_special_tokens=True).strip()
         answers.append((text, "length" if stop is None else "stop"))
     return answers
-
 
 def chat_request(server_url, model, messages, seed, max_new_tokens=256, temperature=0.7, top_p=0.8, top_k=20):
     """One OpenAI-compatible /v1/chat/completions call (vLLM, SGLang) -> (answer, "stop" | "length")."""
@@ -243,7 +226,6 @@ def chat_request(server_url, model, messages, seed, max_new_tokens=256, temperat
     _counts["gen_tokens"] += (out.get("usage") or {}).get("completion_tokens", 0)
     finish = "length" if choice.get("finish_reason") == "length" else "stop"
     return (choice["message"].get("content") or "").strip(), finish
-
 
 def regenerate(convs, sample_ids, seed, generate_fn):
     """Replace every assistant turn by the target's, turn by turn (user and system turns kept); a turn
@@ -267,7 +249,6 @@ def regenerate(convs, sample_ids, seed, generate_fn):
             rows[i]["messages"].append({"role": "assistant", "content": text})
             rows[i]["finish_reason"], turn[i] = finish, turn[i] + 1
 
-
 def read_answers(path, repair=False):
     """answers.jsonl -> rows; a partial last line (killed run) is ignored, and cut from the file if repair."""
     rows, good = [], 0
@@ -281,12 +262,10 @@ def read_answers(path, repair=False):
         os.truncate(path, good)
     return rows
 
-
 def generate_answers(target, convs, sample_ids, path, max_new_tokens=256, temperature=0.7, top_p=0.8, top_k=20,
                      batch_size=16, seed=0, server_url="", concurrency=32):
-    """Answer convs (global ids sample_ids) into path, in order, after the rows already there. Rows are
-    appended and fsynced as they finish; in-process batches are fixed chunks of the list, and a chunk
-    cut by a kill is regenerated whole, so a resumed run writes what an uninterrupted one would."""
+    """Answer convs (global ids sample_ids) into path in order, after the rows already there, fsynced as they finish.
+    Batches are fixed chunks of the list, one cut by a kill is redone whole: a resume writes what a full run would."""
     done = read_answers(path, repair=True)
     if [r.get("sample_id") for r in done] != list(sample_ids[:len(done)]):
         raise SystemExit(f"{path} holds answers of other prompts; delete it or use another --cache_dir")
@@ -315,8 +294,7 @@ def generate_answers(target, convs, sample_ids, path, max_new_tokens=256, temper
                 rows = regenerate(convs[start:start + batch_size], sample_ids[start:start + batch_size], seed, fn)
                 write(rows[max(0, k - start):])
 
-# -----------------------------------------------------------------------------
-# features: rendering, rounding (shared with train.py's online mode), shard layout
+# --- features: rendering, rounding (shared with train.py's online mode), shard layout -------------
 
 def render_sample(target, messages, max_len=4096, truncated=False):
     """messages -> input_ids [T], loss_mask [T], label_mask [T] cut to max_len. A truncated answer
@@ -329,10 +307,8 @@ def render_sample(target, messages, max_len=4096, truncated=False):
     ids, loss_mask = ex["input_ids"][:max_len], loss_mask[:max_len]
     return ids, loss_mask, torch.cat([loss_mask[1:], loss_mask.new_zeros(1)])  # label_mask[t] = loss_mask[t+1]
 
-
 def encode_features(x, n_layers, cache_dtype):
     """x [T, n*H] float -> (payload [T, n*H] bf16 | float8_e4m3fn, scales [T, n] fp32 | None).
-
     fp8: s = amax/448 per (token, layer), q = e4m3(x / s). e4m3 keeps 3 mantissa bits: a value in the
     normal range (>= 2^-6) is rounded to within half a step, 2^-4 of itself; below, the step is 2^-9
     (error <= 2^-10). Unscaled: |decode(q) - x| <= 2^-4 |x| + 2^-10 s (so <= 2^-4 amax) per element."""
@@ -345,20 +321,16 @@ def encode_features(x, n_layers, cache_dtype):
     q = (xs / scales[..., None]).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
     return q.reshape(x.shape[0], -1), scales
 
-
 def decode_features(payload, scales, n_layers):
     """Inverse of encode_features: -> float32 [T, n*H]."""
     if scales is None:
         return payload.float()
     return (payload.float().reshape(len(payload), n_layers, -1) * scales[..., None]).reshape(len(payload), -1)
 
-
 def bytes_per_token(hidden_size, n_layers, cache_dtype, supervised_fraction):
-    """Cache bytes per token: id (4) + loss-mask bit + n taps per token + last_hidden on the supervised
-    fraction, each H elements of 2 (bf16) or 1 (fp8) bytes plus a 4-byte fp32 scale in fp8."""
+    """Bytes/token: 4 (id) + 1/8 (mask) + (n taps + supervised_fraction last_hidden) x (2H bf16 | H fp8 + 4 scale)."""
     e, c = (1, 4) if cache_dtype == "fp8" else (2, 0)
     return 4 + 1 / 8 + (n_layers + supervised_fraction) * (hidden_size * e + c)
-
 
 def record_layout(T, n_labels, hidden_size, n_layers, cache_dtype):
     """Byte layout of one sample in a shard -> ({section: (offset, size)}, size padded to 16)."""
@@ -370,7 +342,6 @@ def record_layout(T, n_labels, hidden_size, n_layers, cache_dtype):
         layout[name], pos = (pos, size), pos + size
     return layout, -(-pos // 16) * 16
 
-
 def _features(target, ids, label_mask, cache_dtype):
     """One forward at batch 1 -> encoded (taps, their scales, last_hidden at label_mask = 1, its scales)."""
     taps, last = target.features(ids[None])  # [1, T, n*H], [1, T, H]
@@ -378,13 +349,11 @@ def _features(target, ids, label_mask, cache_dtype):
     lp, ls = encode_features(last[0][label_mask.bool().to(last.device)], 1, cache_dtype)
     return tp, ts, lp, ls
 
-
 def _record(ids, loss_mask, label_mask, taps, last_rows, sample_id):
     last = taps.new_zeros(len(ids), last_rows.shape[-1])  # [T, H], zeros where label_mask = 0
     last[label_mask.bool()] = last_rows
     return {"input_ids": ids.long(), "loss_mask": loss_mask.long(), "taps": taps, "last_hidden": last,
             "sample_id": int(sample_id)}
-
 
 def make_record(target, messages, sample_id, max_len=4096, cache_dtype="fp8", truncated=False, min_supervised=0):
     """The training record of one conversation, identical to CacheReader's (same render, cut, forward
@@ -396,11 +365,9 @@ def make_record(target, messages, sample_id, max_len=4096, cache_dtype="fp8", tr
     taps = decode_features(tp, ts, len(target.layer_ids)).cpu()
     return _record(ids, loss_mask, label_mask, taps, decode_features(lp, ls, 1).cpu(), sample_id)
 
-
 def _bits(t):  # a bf16 / fp8 / fp32 / int32 tensor -> its raw bytes
     t = t.detach().contiguous().cpu()
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()]).numpy().tobytes()
-
 
 def plan_shards(target, rows, max_len=4096, min_supervised=14, shard_tokens=1_000_000, keep_truncated=True):
     """Render every answered row (no forward) -> shards [[(row, T, supervised, labels)]], dropped counts."""
@@ -418,7 +385,6 @@ def plan_shards(target, rows, max_len=4096, min_supervised=14, shard_tokens=1_00
             shards, cur, ntok = shards + [cur], [], 0
     return shards + ([cur] if cur else []), dropped
 
-
 def _atomic_write(path, data):
     """bytes (or a function writing to f) into path.tmp, fsync, rename: readers see old or new, never half."""
     with open(path + ".tmp", "wb") as f:
@@ -426,7 +392,6 @@ def _atomic_write(path, data):
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
-
 
 def build_features(target, rows, cache_dir, rank=0, cache_dtype="fp8", max_len=4096, min_supervised=14,
                    shard_tokens=1_000_000, keep_truncated=True):
@@ -465,7 +430,6 @@ def build_features(target, rows, cache_dir, rank=0, cache_dtype="fp8", max_len=4
         print(f"features: rank {rank} shard {k + 1}/{len(shards)}, {tps:.0f} tokens/s", flush=True)
     return part
 
-
 def target_fingerprint(target):
     """What a cache depends on: target id, sha256 of its config and of its chat template, tapped layers."""
     cfg = {k: v for k, v in target.config.to_dict().items()
@@ -474,26 +438,23 @@ def target_fingerprint(target):
     return {"target": target.name, "target_config_hash": h(json.dumps(cfg, sort_keys=True, default=str)),
             "chat_template_hash": h(str(target.tokenizer.chat_template)), "layer_ids": list(target.layer_ids)}
 
-
 def write_manifest(target, cache_dir, parts, settings, command=""):
     """manifest.json: magic, version, target fingerprint, geometry, dtypes, counts and the shard list."""
     shards = [s for p in sorted(parts, key=lambda p: p["rank"]) for s in p["shards"]]
-    total = lambda key: sum(s[key] for s in shards)
     fp8 = settings["cache_dtype"] == "fp8"
     m = {"magic": _MAGIC, "version": _VERSION, **target_fingerprint(target), "hidden_size": target.config.hidden_size,
          "n_layers": len(target.layer_ids), "num_target_layers": target.config.num_hidden_layers,
          "cache_dtype": settings["cache_dtype"], "payload_dtype": "float8_e4m3fn" if fp8 else "bfloat16",
          "scale_dtype": "float32" if fp8 else None, "compute_dtype": str(target.embed_weight.dtype),
          "max_len": settings["max_len"], "min_supervised": settings["min_supervised"], "world_size": len(parts),
-         **{k: total(k) for k in ("samples", "tokens", "supervised_tokens", "label_tokens", "bytes")},
+         **{k: sum(s[k] for s in shards) for k in ("samples", "tokens", "supervised_tokens", "label_tokens", "bytes")},
          "dropped": {k: sum(p["dropped"][k] for p in parts) for k in parts[0]["dropped"]}, "command": command,
          "index_fields": _IDX_FIELDS, "record_sections": list(record_layout(1, 1, 1, 1, settings["cache_dtype"])[0]),
          "shards": shards}
     _atomic_write(os.path.join(cache_dir, "manifest.json"), json.dumps(m, indent=1).encode())
     return m
 
-# -----------------------------------------------------------------------------
-# reader (train.py imports it)
+# --- reader (train.py imports it) -----------------------------------------------------------------
 
 class CacheReader:
     """reader[i] -> {input_ids [T] long, loss_mask [T] long, taps [T, n*H] f32, last_hidden [T, H] f32
@@ -565,14 +526,12 @@ class CacheReader:
         return _record(sec("ids", np.int32), loss_mask, label_mask, decode_features(tp, ts, self.n_layers),
                        decode_features(lp, ls, 1), sid)
 
-# -----------------------------------------------------------------------------
-# dry run: exact bytes for answered samples, an upper bound from gen_max_new_tokens for the rest
+# --- dry run: exact bytes for answered samples, an upper bound from gen_max_new_tokens for the rest ---
 
 def estimate_cache(target, rows, pending, cache_dtype="fp8", max_len=4096, min_supervised=14,
                    shard_tokens=1_000_000, keep_truncated=True, max_new_tokens=256):
-    """Bytes the feature stage writes (shards + indexes), from rendering only. A pending conversation
-    counts as if each user turn got gen_max_new_tokens answer tokens: an upper bound unless re-tokenizing
-    the decoded answer yields more tokens than were generated (invalid UTF-8 from a random model)."""
+    """Bytes the feature stage writes (shards + indexes), from rendering only. A pending user turn counts as
+    max_new_tokens answer tokens: an upper bound unless an answer re-tokenizes longer (invalid UTF-8, random model)."""
     H, n = target.config.hidden_size, len(target.layer_ids)
     shards, dropped = plan_shards(target, rows, max_len, min_supervised, shard_tokens, keep_truncated)
     recs, bound_tokens = [(T, ns, nl) for shard in shards for _, T, ns, nl in shard], 0
@@ -592,21 +551,19 @@ def estimate_cache(target, rows, pending, cache_dtype="fp8", max_len=4096, min_s
             "hidden_size": H, "n_layers": n, "bytes_per_token": total / max(tokens, 1), "total_bytes": total,
             "formula_bytes_per_token": bytes_per_token(H, n, cache_dtype, labels / max(tokens, 1))}
 
-# -----------------------------------------------------------------------------
+# --- main -----------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
     config = configure(globals())
     if stage not in ("all", "answers", "features") or cache_dtype not in ("bf16", "fp8"):
         raise SystemExit(f"stage must be all|answers|features, cache_dtype bf16|fp8 (got {stage!r}, {cache_dtype!r})")
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ddp, device = int(os.environ.get("WORLD_SIZE", "1")) > 1, device or ("cuda" if torch.cuda.is_available() else "cpu")
     if ddp:  # torchrun: rank r handles the samples i with i % world == r
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if device == "cuda" else device
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    barrier = dist.barrier if ddp else (lambda: None)
+    rank, world, barrier = (dist.get_rank(), dist.get_world_size(), dist.barrier) if ddp else (0, 1, lambda: None)
     tgt = load_target(target, dtype=dtype, device=device, layer_ids=target_layer_ids)
     H, n, fp = tgt.config.hidden_size, len(tgt.layer_ids), target_fingerprint(tgt)
     if rank == 0:
@@ -655,8 +612,7 @@ if __name__ == "__main__":
         if world > 1 and rank == 0:  # merge the rank parts in input order
             rows = sorted((r for q in range(world) for r in read_answers(part_path(q))), key=lambda r: r["sample_id"])
             _atomic_write(answers_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
-            for q in range(world):
-                os.remove(part_path(q))
+            [os.remove(part_path(q)) for q in range(world)]
         barrier()
 
     # --- stage 2: features ---------------------------------------------------------
@@ -668,8 +624,7 @@ if __name__ == "__main__":
         changed = not os.path.exists(spath) or json.load(open(spath)) != json.loads(json.dumps(settings))
         barrier()
         if rank == 0 and changed:  # shards made with other settings are stale: start this stage over
-            for pattern in ("rank*_shard*", "manifest*"):
-                [os.remove(f) for f in glob.glob(os.path.join(cache_dir, pattern))]
+            [os.remove(f) for p in ("rank*_shard*", "manifest*") for f in glob.glob(os.path.join(cache_dir, p))]
             _atomic_write(spath, json.dumps(settings).encode())
         barrier()
         part = build_features(tgt, rows, cache_dir, rank, cache_dtype, max_len, min_supervised, shard_tokens,
