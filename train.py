@@ -18,6 +18,7 @@ a generator seeded by (seed, sample_id, step); the loss is normalized by the all
 weight. So 1 rank and N ranks make the same update, and a resume (even on another process count)
 continues the same stream.
 """
+import functools
 import json
 import math
 import os
@@ -150,11 +151,23 @@ steps_per_epoch = max(1, N // global_batch_size)
 max_steps = max_steps or epochs * steps_per_epoch
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(epoch):
+    return torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
 def stream_index(g):
     """Global sample index g -> index into the pool: a fresh permutation per epoch, fixed by (seed, epoch)."""
     epoch, i = divmod(g, N)
-    perm = torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return pool[int(perm[i])]
+    return pool[epoch_permutation(epoch)[i]]
+
+
+def answer_tokens(i):
+    """(input_ids, loss_mask) of pool sample i, without running the target (online: rendering only)."""
+    if data_mode == "offline":
+        r = reader[i]
+        return r["input_ids"], r["loss_mask"]
+    return render_sample(tgt, train_answers[i]["messages"], max_len, cut(train_answers[i]))[:2]
 
 
 def collate(records):
@@ -192,7 +205,7 @@ else:
 drafter_cfg.update(target_layer_ids=tgt.layer_ids, draft_vocab_size=draft_vocab_size, target_name=target)
 model = Drafter.from_target(tgt, **drafter_cfg).to(device)
 if draft_vocab_size:  # the reduced head keeps the most frequent tokens of the training answers (DESIGN.md)
-    answer_ids = torch.cat([r["input_ids"][r["loss_mask"].bool()] for r in map(get_record, pool[:2000])])
+    answer_ids = torch.cat([ids[mask.bool()] for ids, mask in map(answer_tokens, pool[:2000])])
     counts = torch.bincount(answer_ids.cpu(), minlength=tgt.config.vocab_size)
     model.set_draft_vocab(torch.topk(counts, draft_vocab_size).indices.sort().values)
 params = [p for p in model.parameters() if p.requires_grad]
