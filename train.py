@@ -204,10 +204,14 @@ else:
     raise SystemExit(f"train: drafter must be dspark, dflash or eagle3, got {drafter!r}")
 drafter_cfg.update(target_layer_ids=tgt.layer_ids, draft_vocab_size=draft_vocab_size, target_name=target)
 model = Drafter.from_target(tgt, **drafter_cfg).to(device)
-if draft_vocab_size:  # the reduced head keeps the most frequent tokens of the training answers (DESIGN.md)
-    answer_ids = torch.cat([ids[mask.bool()] for ids, mask in map(answer_tokens, pool[:2000])])
-    counts = torch.bincount(answer_ids.cpu(), minlength=tgt.config.vocab_size)
-    model.set_draft_vocab(torch.topk(counts, draft_vocab_size).indices.sort().values)
+if draft_vocab_size:  # the reduced head keeps the most frequent tokens of the training answers (DESIGN.md);
+    # ties (often: tokens never seen in answers) go to tokens of the prompts, then to low ids: BPE merges are
+    # numbered roughly by corpus frequency. Measured on SmolLM2: eval-prompt coverage 79% -> 90% at 8192.
+    V, samples = tgt.config.vocab_size, list(map(answer_tokens, pool[:2000]))
+    answer = torch.bincount(torch.cat([ids[m.bool()] for ids, m in samples]).cpu(), minlength=V)
+    every = torch.bincount(torch.cat([ids for ids, _ in samples]).cpu(), minlength=V)
+    order = torch.argsort(answer * (every.max() + 1) + every, descending=True, stable=True)
+    model.set_draft_vocab(order[:draft_vocab_size].sort().values)
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
 if master:
