@@ -137,9 +137,47 @@ _SUBJECTS = ("a lighthouse keeper's message in a bottle|a city where it always r
 _FOLLOW_UPS = ("Can you make that shorter?|Now explain it another way.|Give me one more example.|What is the most "
                "important point?|Summarize your answer in one sentence.|Why is that?").split("|")
 
+# code completion in HumanEval's prompt format (our own functions): name, typed parameters, return type, doc, example
+_FUNCS = [f.split(" | ") for f in """count_vowels | s: str | int | Return the number of vowels in s. | count_vowels('hello') | 2
+is_prime | n: int | bool | Return True if n is a prime number. | is_prime(7) | True
+running_sum | numbers: List[int] | List[int] | Return the running sums of numbers. | running_sum([1, 2, 3]) | [1, 3, 6]
+second_largest | numbers: List[int] | int | Return the second largest distinct value. | second_largest([4, 1, 9, 7]) | 7
+capitalize_words | text: str | str | Capitalize the first letter of every word. | capitalize_words('hi there') | 'Hi There'
+digit_sum | n: int | int | Return the sum of the decimal digits of n. | digit_sum(1234) | 10
+common_elements | a: List[int], b: List[int] | List[int] | Return the sorted values found in both lists. | common_elements([1, 2, 3], [2, 3, 4]) | [2, 3]
+rotate_left | items: List[int], k: int | List[int] | Rotate the list k places to the left. | rotate_left([1, 2, 3, 4], 1) | [2, 3, 4, 1]
+gcd | a: int, b: int | int | Return the greatest common divisor of a and b. | gcd(12, 18) | 6
+is_sorted | numbers: List[int] | bool | Return True if numbers is in non-decreasing order. | is_sorted([1, 2, 2, 5]) | True
+longest_word | words: List[str] | str | Return the longest word, the first one on ties. | longest_word(['ab', 'abc', 'x']) | 'abc'
+char_histogram | s: str | Dict[str, int] | Count how often each character occurs in s. | char_histogram('aab') | {'a': 2, 'b': 1}
+even_squares | n: int | List[int] | Return the squares of the even numbers below n. | even_squares(7) | [0, 4, 16, 36]
+remove_vowels | text: str | str | Return text without its vowels. | remove_vowels('banana') | 'bnn'
+max_gap | numbers: List[float] | float | Return the largest difference between neighbours. | max_gap([1.0, 4.0, 5.5]) | 3.0
+to_binary | n: int | str | Return the binary representation of n without a prefix. | to_binary(10) | '1010'
+interleave | a: List[int], b: List[int] | List[int] | Alternate the elements of a and b, then append the rest. | interleave([1, 3], [2, 4, 6]) | [1, 2, 3, 4, 6]
+count_upper | s: str | int | Return the number of uppercase letters in s. | count_upper('HeLLo') | 3
+chunk | items: List[int], size: int | List[List[int]] | Split items into lists of length size; the last may be shorter. | chunk([1, 2, 3, 4, 5], 2) | [[1, 2], [3, 4], [5]]
+valid_brackets | s: str | bool | Return True if every bracket in s is closed in the right order. | valid_brackets('([]{})') | True
+is_anagram | a: str, b: str | bool | Return True if a and b use the same letters, ignoring case. | is_anagram('Listen', 'silent') | True
+triangle_number | n: int | int | Return the n-th triangular number. | triangle_number(4) | 10
+fizzbuzz | n: int | List[str] | Return FizzBuzz from 1 to n as strings. | fizzbuzz(5) | ['1', '2', 'Fizz', '4', 'Buzz']
+product_of_odds | numbers: List[int] | int | Return the product of the odd numbers, or 1 if there are none. | product_of_odds([1, 2, 3, 5]) | 15""".split("\n")]
+
+
+def code_completion(rng):
+    """A HumanEval-style prompt: signature, docstring and doctest in a code block (typed 2/3 of the time)."""
+    name, params, ret, doc, call, result = rng.choice(_FUNCS)
+    typed = rng.random() < 0.67
+    head = "from typing import Dict, List\n\n\n" if typed and ("List" in params + ret or "Dict" in ret) else ""
+    sig = f"def {name}({params}) -> {ret}:" if typed else f"def {name}({', '.join(a.split(':')[0] for a in params.split(', '))}):"
+    ask = rng.choice(["Write a solution to the following problem and make sure that it passes the tests:",
+                      "Complete the following Python function:"])
+    return f'{ask}\n```python\n{head}{sig}\n    """ {doc}\n    >>> {call}\n    {result}\n    """\n\n```'
+
+
 def builtin_prompts(n, seed=0):
-    """n distinct offline chat prompts from templates and random numbers (math, code, explanations,
-    rewriting, lists, writing; ~15% get a follow-up turn). Deterministic by seed; no eval prompt."""
+    """n distinct offline chat prompts from templates and random numbers (math, code completion, code,
+    explanations, rewriting, lists, writing; ~15% get a follow-up turn). Deterministic by seed; no eval prompt."""
     rng = random.Random(seed)
     pick = rng.choice
 
@@ -154,9 +192,11 @@ def builtin_prompts(n, seed=0):
             f"A garden is {a} m long and {b} m wide. Find its area and its perimeter.",
             f"{name} reads {c * 3} pages a day. How many days does a {a * 10}-page book take?",
             f"{name} and {other} share {a * c} {item} in the ratio {c}:{b % 5 + 1}. How many does each get?"]) + \
-            pick(["", " Show your work.", " Give only the final answer.", " Explain briefly."])
+            pick(["", " Show your work.", " Give only the final answer.", " Explain briefly.",
+                  "\nPlease reason step by step, and put your final answer within \\boxed{}."])
 
     makers = [math_problem, math_problem,
+              lambda: code_completion(rng),
               lambda: f"Write a {pick(_LANGS)} function that {pick(_CODE)}." +
               pick(["", " Include a short example.", " Add comments.", " Keep it under 20 lines."]),
               lambda: f"Explain {pick(_TOPICS)} to {pick(_AUDIENCES)} {pick(_FORMATS)}.",

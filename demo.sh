@@ -13,36 +13,59 @@ EVAL_PROMPTS=${EVAL_PROMPTS:-2}  # prompts per task (gsm8k, humaneval)
 COMMON="--cache_dir=$DEMO/cache --data_mode=offline"
 DATA=${DATA:-../shared/eval_datasets}  # eval prompts as {"turns": [...]} JSONL; "" = ~/.cache/nanospec/eval or the hub
 [ -d "$DATA" ] || DATA=""
+SHIP=drafters/smollm2_dspark     # the shipped drafter (git), evaluated too when present
+SHIP_BLOCK=${SHIP_BLOCK:-3}      # its drafts per round: the fastest chain length on this CPU (bench.py decode)
 
-echo "== 1/3 answers + features: $PROMPTS built-in prompts, SmolLM2 regenerates, fp8 taps"
-$PY build_cache.py configs/dspark_smollm2.py $COMMON --num_prompts=$PROMPTS --gen_max_new_tokens=128 --gen_batch_size=24
+# progress: elapsed time and an ETA from each stage's share of a measured quiet 2-core run (tenths of a minute)
+START=$SECONDS DONE=0 TOTAL=$((50 + 10 + 3 * 40 + 6 * 15 + 15))
+stage() {  # stage <share of the stage that starts now> <title>
+  local el=$((SECONDS - START)) eta=""
+  [ $DONE -gt 0 ] && eta=", ~$((el * (TOTAL - DONE) / DONE / 60 + 1)) min left"
+  echo "== [$((el / 60))m$((el % 60))s$eta] ${*:2}"
+  DONE=$((DONE + $1))
+}
+
+stage 50 "1/3 answers + features: $PROMPTS built-in prompts, SmolLM2 regenerates (bf16: ~2.5x faster on a CPU), fp8 taps (fp32)"
+$PY build_cache.py configs/dspark_smollm2.py $COMMON --num_prompts=$PROMPTS --gen_max_new_tokens=128 --gen_batch_size=24 \
+  --stage=answers --dtype=bfloat16
+stage 10 "1/3 features (fp32 target forward, fp8 taps)"
+$PY build_cache.py configs/dspark_smollm2.py $COMMON --num_prompts=$PROMPTS --stage=features
 
 for d in dspark dflash eagle3; do
-  echo "== 2/3 train $d ($STEPS steps, offline from the shared cache)"
+  stage 40 "2/3 train $d ($STEPS steps, offline from the shared cache)"
   $PY train.py configs/${d}_smollm2.py $COMMON --out_dir=$DEMO/$d --max_steps=$STEPS
 done
 
 for d in dspark dflash eagle3; do
   for t in 0 1; do
     suffix=$([ $t = 0 ] && echo "" || echo "_t1")
-    echo "== 3/3 evaluate $d at temperature $t"
+    stage 15 "3/3 evaluate $d at temperature $t"
     $PY evaluate.py configs/${d}_smollm2.py --target=smollm2 --draft=$DEMO/$d/step_latest --task=gsm8k,humaneval \
       --data_dir=$DATA --num_prompts=$EVAL_PROMPTS --max_new_tokens=96 --temperature=$t \
       --out=$DEMO/$d$suffix.json
   done
 done
 
+if [ -f $SHIP/config.json ]; then
+  stage 15 "3/3 evaluate the shipped drafter $SHIP at temperature 0 ($SHIP_BLOCK drafts per round)"
+  $PY evaluate.py --target=smollm2 --draft=$SHIP --task=gsm8k,humaneval --data_dir=$DATA --num_prompts=$EVAL_PROMPTS \
+    --max_new_tokens=96 --temperature=0 --block_size=$SHIP_BLOCK --out=$DEMO/shipped.json
+fi
+echo "== done in $(((SECONDS - START) / 60))m$(((SECONDS - START) % 60))s"
+
 $PY - "$DEMO" <<'PY'
-import json, sys
+import json, os, sys
 demo = sys.argv[1]
 print("\nnanospec CPU demo: SmolLM2-135M-Instruct target, gsm8k + humaneval prompts, batch 1")
 print(f"{'drafter':8} {'temp':>4} {'tau':>5} {'acc@1..4 (conditional)':>26} {'tok/s':>6} {'plain':>6} {'speedup':>8}")
-for d in ("dspark", "dflash", "eagle3"):
-    for t, suffix in ((0, ""), (1, "_t1")):
-        o = json.load(open(f"{demo}/{d}{suffix}.json"))["overall"]
-        acc = " ".join("-" if a is None else f"{a:.2f}" for a in o["accept_rate_conditional"][:4])
-        note = "" if o["speedup"] >= 1 else "  (slower than plain decoding)"
-        print(f"{d:8} {t:>4} {o['tau']:5.2f} {acc:>26} {o['tokens_per_s']:6.1f} {o['baseline_tokens_per_s']:6.1f}"
-              f" {o['speedup']:7.2f}x{note}")
-print(f"reports: {demo}/<drafter>.json (temperature 0) and <drafter>_t1.json; checkpoints: {demo}/<drafter>/step_latest")
+runs = [(d, t, f"{demo}/{d}{s}.json") for d in ("dspark", "dflash", "eagle3") for t, s in ((0, ""), (1, "_t1"))]
+runs += [("shipped", 0, f"{demo}/shipped.json")] if os.path.exists(f"{demo}/shipped.json") else []
+for d, t, path in runs:
+    o = json.load(open(path))["overall"]
+    acc = " ".join("-" if a is None else f"{a:.2f}" for a in o["accept_rate_conditional"][:4])
+    note = "" if o["speedup"] >= 1 else "  (slower than plain decoding)"
+    print(f"{d:8} {t:>4} {o['tau']:5.2f} {acc:>26} {o['tokens_per_s']:6.1f} {o['baseline_tokens_per_s']:6.1f}"
+          f" {o['speedup']:7.2f}x{note}")
+print(f"reports: {demo}/<drafter>.json (temperature 0) and <drafter>_t1.json; checkpoints: {demo}/<drafter>/step_latest"
+      + ("; the shipped drafter (trained ~1 h, not by this demo): shipped.json" if len(runs) > 6 else ""))
 PY
