@@ -16,8 +16,8 @@ DATA=${DATA:-../shared/eval_datasets}  # eval prompts as {"turns": [...]} JSONL;
 SHIP=drafters/smollm2_dspark     # the shipped drafter (git), evaluated too when present
 SHIP_BLOCK=${SHIP_BLOCK:-3}      # its drafts per round: the fastest chain length on this CPU (bench.py decode)
 
-# progress: elapsed time and an ETA from each stage's share of a measured quiet 2-core run (tenths of a minute)
-START=$SECONDS DONE=0 TOTAL=$((50 + 10 + 3 * 40 + 6 * 15 + 15))
+# progress: elapsed time and an ETA from each stage's share of a measured run (tenths of a minute, 1 thread)
+START=$SECONDS DONE=0 TOTAL=$((65 + 11 + 33 + 33 + 63 + 6 * 13 + 13))
 stage() {  # stage <share of the stage that starts now> <title>
   local el=$((SECONDS - START)) eta=""
   [ $DONE -gt 0 ] && eta=", ~$((el * (TOTAL - DONE) / DONE / 60 + 1)) min left"
@@ -25,21 +25,21 @@ stage() {  # stage <share of the stage that starts now> <title>
   DONE=$((DONE + $1))
 }
 
-stage 50 "1/3 answers + features: $PROMPTS built-in prompts, SmolLM2 regenerates (bf16: ~2.5x faster on a CPU), fp8 taps (fp32)"
+stage 65 "1/3 answers + features: $PROMPTS built-in prompts, SmolLM2 regenerates (bf16: ~2.5x faster on a CPU), fp8 taps (fp32)"
 $PY build_cache.py configs/dspark_smollm2.py $COMMON --num_prompts=$PROMPTS --gen_max_new_tokens=128 --gen_batch_size=24 \
   --stage=answers --dtype=bfloat16
-stage 10 "1/3 features (fp32 target forward, fp8 taps)"
+stage 11 "1/3 features (fp32 target forward, fp8 taps)"
 $PY build_cache.py configs/dspark_smollm2.py $COMMON --num_prompts=$PROMPTS --stage=features
 
 for d in dspark dflash eagle3; do
-  stage 40 "2/3 train $d ($STEPS steps, offline from the shared cache)"
+  stage $([ $d = eagle3 ] && echo 63 || echo 33) "2/3 train $d ($STEPS steps, offline from the shared cache)"
   $PY train.py configs/${d}_smollm2.py $COMMON --out_dir=$DEMO/$d --max_steps=$STEPS
 done
 
 for d in dspark dflash eagle3; do
   for t in 0 1; do
     suffix=$([ $t = 0 ] && echo "" || echo "_t1")
-    stage 15 "3/3 evaluate $d at temperature $t"
+    stage 13 "3/3 evaluate $d at temperature $t"
     $PY evaluate.py configs/${d}_smollm2.py --target=smollm2 --draft=$DEMO/$d/step_latest --task=gsm8k,humaneval \
       --data_dir=$DATA --num_prompts=$EVAL_PROMPTS --max_new_tokens=96 --temperature=$t \
       --out=$DEMO/$d$suffix.json
@@ -47,7 +47,7 @@ for d in dspark dflash eagle3; do
 done
 
 if [ -f $SHIP/config.json ]; then
-  stage 15 "3/3 evaluate the shipped drafter $SHIP at temperature 0 ($SHIP_BLOCK drafts per round)"
+  stage 13 "3/3 evaluate the shipped drafter $SHIP at temperature 0 ($SHIP_BLOCK drafts per round)"
   $PY evaluate.py --target=smollm2 --draft=$SHIP --task=gsm8k,humaneval --data_dir=$DATA --num_prompts=$EVAL_PROMPTS \
     --max_new_tokens=96 --temperature=0 --block_size=$SHIP_BLOCK --out=$DEMO/shipped.json
 fi
