@@ -14,7 +14,7 @@ COMMON="--cache_dir=$DEMO/cache --data_mode=offline"
 DATA=${DATA:-../shared/eval_datasets}  # eval prompts as {"turns": [...]} JSONL; "" = ~/.cache/nanospec/eval or the hub
 [ -d "$DATA" ] || DATA=""
 SHIP=drafters/smollm2_dspark     # the shipped drafter (git), evaluated too when present
-SHIP_BLOCK=${SHIP_BLOCK:-3}      # its drafts per round: the fastest chain length on this CPU (bench.py decode)
+SHIP_BLOCK=${SHIP_BLOCK:-2}      # its drafts per round: the fastest chain length on this CPU (bench.py decode, LOG.md)
 
 # progress: elapsed time and an ETA from each stage's share of a measured run (tenths of a minute, 1 thread)
 START=$SECONDS DONE=0 TOTAL=$((65 + 11 + 33 + 33 + 63 + 6 * 13 + 13))
@@ -67,5 +67,5 @@ for d, t, path in runs:
     print(f"{d:8} {t:>4} {o['tau']:5.2f} {acc:>26} {o['tokens_per_s']:6.1f} {o['baseline_tokens_per_s']:6.1f}"
           f" {o['speedup']:7.2f}x{note}")
 print(f"reports: {demo}/<drafter>.json (temperature 0) and <drafter>_t1.json; checkpoints: {demo}/<drafter>/step_latest"
-      + ("; the shipped drafter (trained ~1 h, not by this demo): shipped.json" if len(runs) > 6 else ""))
+      + ("; the shipped drafter (trained 1.5 h on one core, not by this demo): shipped.json" if len(runs) > 6 else ""))
 PY
