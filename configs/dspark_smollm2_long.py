@@ -1,12 +1,14 @@
 # The longer DSpark run for SmolLM2-135M-Instruct behind the shipped drafter drafters/smollm2_dspark
-# (~1 hour of one CPU core for the answers, ~1 hour for training; LOG.md has the measured run):
+# (phase 1 below: ~30 min of answers on 2 threads, 62 min of training on one core; LOG.md has the run):
 #   python build_cache.py configs/dspark_smollm2_long.py --stage=answers --dtype=bfloat16  # greedy answers
 #   python build_cache.py configs/dspark_smollm2_long.py --stage=features                  # fp32 taps, fp8
 #   OMP_NUM_THREADS=1 python train.py configs/dspark_smollm2_long.py
-#   python evaluate.py --draft=out/long/dspark/step_latest --task=gsm8k,humaneval --num_prompts=10
-# Same drafter as configs/dspark_smollm2.py (2 layers, r=64, 8192-token draft head); what differs is
-# data and time: 1000 built-in prompts answered greedily (the temperature-0 regime it is shipped for)
-# and ~20x the demo's optimizer steps.
+#   python bench.py decode --draft=out/long/dspark/step_latest --prompts=8 --block_sizes 2 3 7
+# Phase 2 (LOG.md, "phase 2 and the shipped drafter") adds HumanEval-format and gsm8k answers and trains
+# 1,000 more steps. Same drafter as configs/dspark_smollm2.py (2 layers, r=64, 8192-token draft head);
+# what differs is data and time: greedy answers (the temperature-0 regime it is shipped for) and ~20x
+# the demo's optimizer steps. Phase 1 used the built-in prompts as they were before the code-completion
+# maker was added, so a rerun now draws a slightly different prompt mix.
 target = "smollm2"
 drafter = "dspark"
 num_draft_layers = 2
@@ -16,7 +18,7 @@ markov_rank = 64
 enable_confidence_head = True
 draft_vocab_size = 8192
 prompts = "builtin"
-num_prompts = 1000
+num_prompts = 1024
 gen_max_new_tokens = 192
 gen_batch_size = 32
 gen_temperature = 0.0
