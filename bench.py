@@ -50,7 +50,7 @@ import torch
 
 import evaluate
 import kernels
-from configurator import script_defaults
+from configurator import configure, script_defaults
 from target import DTYPES, Target, load_target, tiny_tokenizer
 
 GEOMETRY = {  # N rows (tokens), hidden H, vocab V, Markov rank r
@@ -294,11 +294,8 @@ RECIPE_KEYS = {"dspark": ("block_size", "num_draft_layers", "num_anchors", "mark
 def recipe(drafter, device):
     """What train.py would run with: its defaults, then configs/<drafter>_smollm2.py (cpu: the demo's settings)
     or configs/<drafter>_qwen3_4b.py (cuda: DeepSpec's recipe)."""
-    c = script_defaults(os.path.join(HERE, "train.py"))
     path = os.path.join(HERE, "configs", f"{drafter}_{'smollm2' if device == 'cpu' else 'qwen3_4b'}.py")
-    with open(path) as f:
-        exec(compile(f.read(), path, "exec"), c)
-    return c
+    return configure(script_defaults(os.path.join(HERE, "train.py")), [path], verbose=False)
 
 
 def random_qwen3_4b(device, dtype=torch.bfloat16):
@@ -616,8 +613,9 @@ def main(argv=None):
                   machine=machine(args.device), results=results)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
+        with open(args.out + ".tmp", "w") as f:  # atomic: no half-written report
             json.dump(record, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
         print(f"wrote {args.out}")
     return record
 

@@ -294,9 +294,11 @@ def test_chi2_pvalue():
     assert abs(chi2_pvalue(2.0, 2) - math.exp(-1)) < 1e-9
 
 
-def sampled(t, d, ids, n, warp, N):
+def sampled(t, d, ids, n, warp, N, tree_budget=0):
+    """N seeded speculative samples of n tokens (chains of 2 drafts, or trees of tree_budget nodes)."""
     g = torch.Generator().manual_seed(N)
-    return [tuple(E.speculative_generate(t, d, ids, n, block_size=2, generator=g, **warp)["ids"]) for _ in range(N)]
+    return [tuple(E.speculative_generate(t, d, ids, n, block_size=2, generator=g, tree_budget=tree_budget,
+                                         **warp)["ids"]) for _ in range(N)]
 
 
 @pytest.mark.parametrize("kind", ["scripted", "dflash", "dspark", "eagle3"])

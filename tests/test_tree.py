@@ -12,7 +12,7 @@ import evaluate as E
 import kernels
 from kernels import logits_to_probs
 from target import load_target
-from test_evaluate import PROMPTS, Distorted, chi2_test, exact_law, ids_of, real_drafter
+from test_evaluate import PROMPTS, Distorted, chi2_test, exact_law, ids_of, real_drafter, sampled
 
 torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -325,12 +325,6 @@ class TreeDistorted(Distorted):
         return torch.stack([self.q(state["ctx"] + (int(anchor),) + tuple(map(int, p))) for p in paths])
 
 
-def sampled_trees(t, d, ids, n, warp, N, budget=4):
-    g = torch.Generator().manual_seed(N)
-    return [tuple(E.speculative_generate(t, d, ids, n, block_size=2, generator=g, tree_budget=budget, **warp)["ids"])
-            for _ in range(N)]
-
-
 @pytest.mark.parametrize("kind", ["scripted", "dflash", "dspark", "eagle3"])
 def test_sampled_tree_law_matches_target(sharp, kind):
     """Temperature > 0 with trees of 4 nodes (depth <= 2): the first 3 tokens follow the target's exact warped law
@@ -339,7 +333,7 @@ def test_sampled_tree_law_matches_target(sharp, kind):
     ids = ids_of(sharp, "Count: 1 2 3")
     law, N = exact_law(sharp, ids, 3, warp), 300
     d = TreeDistorted(sharp, warp) if kind == "scripted" else real_drafter(kind, sharp)
-    pval, cells = chi2_test(sampled_trees(sharp, d, ids, 3, warp, N), law, N)
+    pval, cells = chi2_test(sampled(sharp, d, ids, 3, warp, N, tree_budget=4), law, N)
     assert cells >= 8 and pval > 1e-3, (kind, pval, cells)
 
 
@@ -359,7 +353,7 @@ def test_sampled_tree_law_test_has_power(sharp, monkeypatch):
     ids = ids_of(sharp, "Count: 1 2 3")
     law, N = exact_law(sharp, ids, 3, warp), 400
     monkeypatch.setattr(E, "verify_tree", naive)
-    pval, _ = chi2_test(sampled_trees(sharp, TreeDistorted(sharp, warp), ids, 3, warp, N), law, N)
+    pval, _ = chi2_test(sampled(sharp, TreeDistorted(sharp, warp), ids, 3, warp, N, tree_budget=4), law, N)
     assert pval < 1e-3, pval
 
 
