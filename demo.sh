@@ -16,8 +16,8 @@ DATA=${DATA:-../shared/eval_datasets}  # eval prompts as {"turns": [...]} JSONL;
 SHIP=drafters/smollm2_dspark     # the shipped drafter (git), evaluated too when present
 SHIP_BLOCK=${SHIP_BLOCK:-2}      # its drafts per round: the fastest chain length on this CPU (bench.py decode, LOG.md)
 
-# progress: elapsed time and an ETA from each stage's share of a measured run (tenths of a minute, 1 thread)
-START=$SECONDS DONE=0 TOTAL=$((65 + 11 + 33 + 33 + 63 + 6 * 13 + 13))
+# progress: elapsed time and an ETA from each stage's share of two measured runs (tenths of a minute, 1 thread)
+START=$SECONDS DONE=0 TOTAL=$((68 + 12 + 33 + 33 + 53 + 6 * 13 + 13))
 stage() {  # stage <share of the stage that starts now> <title>
   local el=$((SECONDS - START)) eta=""
   [ $DONE -gt 0 ] && eta=", ~$((el * (TOTAL - DONE) / DONE / 60 + 1)) min left"
@@ -25,14 +25,14 @@ stage() {  # stage <share of the stage that starts now> <title>
   DONE=$((DONE + $1))
 }
 
-stage 65 "1/3 answers + features: $PROMPTS built-in prompts, SmolLM2 regenerates (bf16: ~2.5x faster on a CPU), fp8 taps (fp32)"
+stage 68 "1/3 answers + features: $PROMPTS built-in prompts, SmolLM2 regenerates (bf16: ~2.5x faster on a CPU), fp8 taps (fp32)"
 $PY build_cache.py configs/dspark_smollm2.py $COMMON --num_prompts=$PROMPTS --gen_max_new_tokens=128 --gen_batch_size=24 \
   --stage=answers --dtype=bfloat16
-stage 11 "1/3 features (fp32 target forward, fp8 taps)"
+stage 12 "1/3 features (fp32 target forward, fp8 taps)"
 $PY build_cache.py configs/dspark_smollm2.py $COMMON --num_prompts=$PROMPTS --stage=features
 
 for d in dspark dflash eagle3; do
-  stage $([ $d = eagle3 ] && echo 63 || echo 33) "2/3 train $d ($STEPS steps, offline from the shared cache)"
+  stage $([ $d = eagle3 ] && echo 53 || echo 33) "2/3 train $d ($STEPS steps, offline from the shared cache)"
   $PY train.py configs/${d}_smollm2.py $COMMON --out_dir=$DEMO/$d --max_steps=$STEPS
 done
 
