@@ -328,7 +328,7 @@ class DFlash(nn.Module):
     @torch.no_grad()
     def start(self, prompt_ids, taps):
         """After the target's prefill: cache the context keys/values of the prompt's T tokens."""
-        state = {"kv": None, "len": 0, "memo": {}}
+        state = {"kv": None, "len": 0, "memo": {}, "head": self.head_weight()}  # d2t rows gathered once (19 MB)
         self.commit(state, prompt_ids, taps)
         return state
 
@@ -344,11 +344,12 @@ class DFlash(nn.Module):
         state["len"] += len(ids)
         state["memo"] = {}
 
-    def _block(self, state, anchor):
-        """One full block forward at positions p..p+K-1 (p = tokens in context) -> h [K, H], U [K, Vd].
+    def _block(self, state, anchor, slots):
+        """One full block forward at positions p..p+K-1 (p = tokens in context) -> h [K, H], U [>= slots, Vd].
 
         Always K = block_size slots, as in training (slots see each other: a shorter block would shift
-        the distributions); memoized per (p, anchor) so a tree's next_probs calls reuse it.
+        the distributions), but draft logits only for the first `slots` (a chain of 2 needs 2 of 7 rows);
+        memoized per (p, anchor) so a tree's next_probs calls reuse it.
         """
         p, key = state["len"], (state["len"], int(anchor))
         if key not in state["memo"]:  # a cache only: next_probs leaves the decoding state itself unchanged
@@ -356,8 +357,12 @@ class DFlash(nn.Module):
             ids = torch.full((self.block_size,), self.mask_token_id, dtype=torch.long, device=dev)
             ids[0] = int(anchor)
             h = self.backbone(ids, p + torch.arange(self.block_size, device=dev), state["kv"])
-            state["memo"] = {key: (h, h @ self.head_weight().T)}  # only the latest block is kept
-        return state["memo"][key]
+            state["memo"] = {key: (h, h[:0] @ state["head"].T)}  # only the latest block is kept
+        h, U = state["memo"][key]
+        if len(U) < slots:
+            U = h[:slots] @ state["head"].T
+            state["memo"][key] = (h, U)
+        return h, U
 
     def slot_logits(self, h, U, toks):
         """Draft logits [Vd] of slot len(toks)-1 after toks = [anchor, x_0, ..]; DFlash ignores the tokens."""
@@ -379,7 +384,7 @@ class DFlash(nn.Module):
         """Chain of k draft tokens [k], the full-vocab distributions they were drawn from [k, V], conf (None)."""
         if not 1 <= k <= self.block_size:
             raise ValueError(f"propose: k={k} must lie in [1, block_size={self.block_size}]")
-        h, U = self._block(state, anchor)
+        h, U = self._block(state, anchor, k)
         toks, probs, conf = [int(anchor)], [], []
         for _ in range(k):
             p = kernels.logits_to_probs(self.slot_logits(h, U, toks), temperature, top_k, top_p)  # [Vd]
@@ -395,7 +400,7 @@ class DFlash(nn.Module):
         """Draft distribution [N, V] of the next token after each path (tuple of tokens after the anchor)."""
         if any(len(path) >= self.block_size for path in paths):
             raise ValueError(f"next_probs: paths must be shorter than block_size={self.block_size}")
-        h, U = self._block(state, anchor)
+        h, U = self._block(state, anchor, 1 + max(map(len, paths), default=0))
         z = torch.stack([self.slot_logits(h, U, [int(anchor), *map(int, path)]) for path in paths])
         return self.to_full(kernels.logits_to_probs(z, temperature, top_k, top_p))
 
