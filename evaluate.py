@@ -115,9 +115,10 @@ def task_dirs(data_dir=""):
                         os.path.join(os.path.expanduser("~"), ".cache", "nanospec", "eval")) if d]
 
 
-def load_task(name, data_dir="", num_prompts=0, turns=0):
+def load_task(name, data_dir="", num_prompts=0, turns=0, heldout=False):
     """-> list of turn lists (strings), DeepSpec's selection: when the file has more rows than the task's
-    count, shuffle with random.Random(980406) and take the first rows; then the first num_prompts."""
+    count, shuffle with random.Random(980406) and take the first rows; then the first num_prompts.
+    heldout=True: the rows that selection never uses instead (in-domain training prompts, e.g. gsm8k's 819)."""
     path = next((p for p in (os.path.join(d, f"{name}.jsonl") for d in task_dirs(data_dir)) if os.path.exists(p)), None)
     if path is None:
         if name not in TASKS:
@@ -144,7 +145,7 @@ def load_task(name, data_dir="", num_prompts=0, turns=0):
     count = TASKS[name][0] if name in TASKS else len(rows)
     if len(rows) > count:  # DeepSpec's rule (its --seed default)
         random.Random(980406).shuffle(rows)
-    rows = rows[:count][:num_prompts or None]
+    rows = (rows[count:] if heldout else rows[:count])[:num_prompts or None]
     return [r[:turns] if turns else r for r in rows]
 
 

@@ -19,6 +19,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import build_cache as bc  # noqa: E402
+import evaluate  # noqa: E402
 from target import load_target  # noqa: E402
 
 EVAL_DIR = os.environ.get("NANOSPEC_EVAL_DIR", "/work/shared/eval_datasets")
@@ -344,3 +345,26 @@ def test_cli_torchrun_matches_in_process_and_dry_run_is_exact(cache, tmp_path):
     other = subprocess.run([sys.executable, "build_cache.py"] + CLI + [f"--cache_dir={d}", "--target=tiny-llama",
                            "--stage=features"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert other.returncode != 0 and "target_config_hash" in other.stderr  # answers of another target: refused
+
+
+def test_stdlib_code_heldout_and_mixed_prompt_sources(tmp_path, monkeypatch):
+    """stdlib-code: hundreds of distinct HumanEval-format prompts, none an eval prompt; heldout:<task>: exactly
+    the rows DeepSpec's selection leaves out; "a,b": the union, shuffled by seed."""
+    code = bc.load_prompts("stdlib-code")
+    firsts = [conv[0]["content"] for conv in code]
+    assert len(set(firsts)) == len(firsts) > 300 and bc.load_prompts("stdlib-code", 5) == code[:5]
+    assert all(f.count("```") == 2 and f.split("\n")[2].startswith("def ") and " at 0x" not in f.split("\n")[2]
+               and '"""' in f for f in firsts)
+    files = glob.glob(os.path.join(EVAL_DIR, "*.jsonl"))
+    evals = {t for f in files for line in open(f) for t in json.loads(line)["turns"]}
+    assert not set(firsts) & evals
+    rows = [f"Question {i}: what is {i} + {i}?" for i in range(520)]  # gsm8k's protocol selects 500 of them
+    (tmp_path / "gsm8k.jsonl").write_text("".join(json.dumps({"turns": [r]}) + "\n" for r in rows))
+    monkeypatch.setenv("NANOSPEC_DATA_DIR", str(tmp_path))
+    held = [conv[0]["content"] for conv in bc.load_prompts("heldout:gsm8k")]
+    chosen = [t[0] for t in evaluate.load_task("gsm8k", str(tmp_path))]
+    assert len(held) == 20 and sorted(held + chosen) == sorted(rows)
+    mix = bc.load_prompts("stdlib-code, heldout:gsm8k", 0, 3)
+    texts = [c[0]["content"] for c in mix]
+    assert sorted(texts) == sorted(firsts + held) and texts != firsts + held
+    assert mix == bc.load_prompts("stdlib-code,heldout:gsm8k", 0, 3) != bc.load_prompts("stdlib-code,heldout:gsm8k", 0, 4)
