@@ -8,7 +8,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+# the eval prompts (../shared/eval_datasets beside the clone in CI; tests that need them skip without them)
+EVAL_DIR = os.environ.get("NANOSPEC_EVAL_DIR") or next(
+    (d for d in (os.path.join(ROOT, "..", "shared", "eval_datasets"), "/work/shared/eval_datasets") if os.path.isdir(d)),
+    "")
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import build_cache as bc  # noqa: E402
 import evaluate  # noqa: E402
+from conftest import EVAL_DIR  # noqa: E402
 from target import load_target  # noqa: E402
 
-EVAL_DIR = os.environ.get("NANOSPEC_EVAL_DIR", "/work/shared/eval_datasets")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "TOKENIZERS_PARALLELISM": "false"}
 # the CLI settings of the tiny runs; the in-process fixture below mirrors them

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import evaluate as E
+from conftest import EVAL_DIR
 from kernels import logits_to_probs
 from target import load_target
 
@@ -368,7 +369,7 @@ def test_load_task_selection(tmp_path, monkeypatch):
     """DeepSpec's selection (shuffle with Random(980406) when the file has more rows than the count), the
     num_prompts cut, turns, custom <name>.jsonl files, and a one-line error for a missing task."""
     import random
-    src = "/work/shared/eval_datasets"
+    src = EVAL_DIR
     if not os.path.exists(os.path.join(src, "gsm8k.jsonl")):
         pytest.skip("shared eval datasets not present")
     rows = [json.loads(line)["turns"] for line in open(os.path.join(src, "gsm8k.jsonl"))]
