@@ -9,6 +9,14 @@
 # what differs is data and time: greedy answers (the temperature-0 regime it is shipped for) and ~20x
 # the demo's optimizer steps. Phase 1 used the built-in prompts as they were before the code-completion
 # maker was added, so a rerun now draws a slightly different prompt mix.
+# Phase 3 (LOG.md, session 3) answers 1,234 more prompts (Python-stdlib code completion and gsm8k's
+# held-out rows), continues on one core to step 7,400, then on two threads on the merged cache to 10,000:
+#   NANOSPEC_DATA_DIR=../shared/eval_datasets python build_cache.py configs/dspark_smollm2_long.py \
+#       --stage=answers --dtype=bfloat16 --prompts=stdlib-code,heldout:gsm8k --num_prompts=0 --cache_dir=out/p3/new
+#   python train.py configs/dspark_smollm2_long.py --cache_dir=out/p3/cache4 --out_dir=out/p3/dspark \
+#       --max_steps=10000 --learning_rate=1.5e-3     # cache4 = phase 2's cache + out/p3/new
+# (the run itself answered 715 stdlib prompts of an earlier filter and only the 519 held-out gsm8k rows
+# phase 2 had not used; heldout:gsm8k now gives all 819)
 target = "smollm2"
 drafter = "dspark"
 num_draft_layers = 2
