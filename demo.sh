@@ -67,5 +67,5 @@ for d, t, path in runs:
     print(f"{d:8} {t:>4} {o['tau']:5.2f} {acc:>26} {o['tokens_per_s']:6.1f} {o['baseline_tokens_per_s']:6.1f}"
           f" {o['speedup']:7.2f}x{note}")
 print(f"reports: {demo}/<drafter>.json (temperature 0) and <drafter>_t1.json; checkpoints: {demo}/<drafter>/step_latest"
-      + ("; the shipped drafter (trained 1.5 h on one core, not by this demo): shipped.json" if len(runs) > 6 else ""))
+      + ("; the shipped drafter (trained ~3.5 h on this CPU, not by this demo): shipped.json" if len(runs) > 6 else ""))
 PY
