@@ -610,6 +610,8 @@ if __name__ == "__main__":
                 print(f"evaluate: skipping {e}")
     partial, done = (out + ".partial.jsonl") if out else "", {}
     keyed = {k: v for k, v in config.items() if k not in ("task", "num_prompts", "out")}  # prompt i: same text
+    st = os.stat(os.path.join(draft_path, "model.safetensors"))  # new weights at the same path: start over
+    keyed["draft_weights"] = [st.st_size, st.st_mtime_ns]
     if partial and os.path.exists(partial):  # resume: finished prompts of the same config are kept
         lines = []
         for line in open(partial):

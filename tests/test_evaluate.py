@@ -413,7 +413,8 @@ def test_load_drafter_and_mismatch_errors(tiny, tmp_path):
 
 def test_cli_report_resume_and_prompt_mode(tiny, tmp_path, monkeypatch, capsys):
     """The script end to end on a tiny target: table, JSON report (keys of the issue), 2-turn prompts, resume
-    from <out>.partial.jsonl (finished prompts are not decoded again), and --prompt mode."""
+    from <out>.partial.jsonl (finished prompts are not decoded again; new weights at the same path start over),
+    and --prompt mode."""
     t = tiny["tiny-qwen3"]
     real_drafter("dspark", t).save_pretrained(str(tmp_path / "drafter"))
     (tmp_path / "mini.jsonl").write_text("".join(json.dumps({"turns": [f"Say {i}", "More"][:1 + i % 2]}) + "\n"
@@ -447,6 +448,9 @@ def test_cli_report_resume_and_prompt_mode(tiny, tmp_path, monkeypatch, capsys):
     assert len(lines) == 1 + 3  # header + 3 prompts: the first two were not decoded again
     rep2 = json.load(open(out))["tasks"]["mini"]
     assert rep2["prompts"] == 3 and rep2["outputs"][:2] == r["outputs"]
+    real_drafter("dspark", t).save_pretrained(str(tmp_path / "drafter"))  # new weights, same path: no stale reuse
+    text = main("--num_prompts=3", f"--out={out}")
+    assert "another config" in text and "already done" not in text
     text = main("--prompt=Hello", "--baseline=False")
     assert "tau" in text and "conditional acceptance" in text
 
