@@ -42,9 +42,14 @@ def load_prompts(source, n=0, seed=0):
     if source == "stdlib-code":
         return stdlib_code_prompts()[:n or None]
     if source.startswith("heldout:"):  # an eval task's rows outside DeepSpec's selection (data: NANOSPEC_DATA_DIR)
-        from evaluate import load_task
-        return [[{"role": "user", "content": t[0]}] for t in load_task(source[8:], num_prompts=n, heldout=True)]
-    if source == "open-perfectblend":  # the recipe's prompts: 5% held out with seed 42, we take the 95%
+        from evaluate import MissingTask, load_task
+        try:
+            rows = [{"turns": t} for t in load_task(source[8:], heldout=True)]
+        except MissingTask as e:
+            raise SystemExit(f"prompts: {e}") from None
+        if not rows:
+            raise SystemExit(f"prompts: {source}: every row of the task is in the evaluated selection")
+    elif source == "open-perfectblend":  # the recipe's prompts: 5% held out with seed 42, we take the 95%
         from datasets import load_dataset
         rows = load_dataset("mlabonne/open-perfectblend", split="train").train_test_split(0.05, seed=42)["train"]
     elif source.endswith(".jsonl") and os.path.exists(source):

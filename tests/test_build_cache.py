@@ -349,7 +349,8 @@ def test_cli_torchrun_matches_in_process_and_dry_run_is_exact(cache, tmp_path):
 
 def test_stdlib_code_heldout_and_mixed_prompt_sources(tmp_path, monkeypatch):
     """stdlib-code: hundreds of distinct HumanEval-format prompts, none an eval prompt; heldout:<task>: exactly
-    the rows DeepSpec's selection leaves out; "a,b": the union, shuffled by seed."""
+    the rows DeepSpec's selection leaves out (one-line errors when none are, or the task is missing);
+    "a,b": the union, shuffled by seed."""
     code = bc.load_prompts("stdlib-code")
     firsts = [conv[0]["content"] for conv in code]
     assert len(set(firsts)) == len(firsts) > 300 and bc.load_prompts("stdlib-code", 5) == code[:5]
@@ -364,6 +365,11 @@ def test_stdlib_code_heldout_and_mixed_prompt_sources(tmp_path, monkeypatch):
     held = [conv[0]["content"] for conv in bc.load_prompts("heldout:gsm8k")]
     chosen = [t[0] for t in evaluate.load_task("gsm8k", str(tmp_path))]
     assert len(held) == 20 and sorted(held + chosen) == sorted(rows)
+    assert [c[0]["content"] for c in bc.load_prompts("heldout:gsm8k", 5)] == held[:5]
+    (tmp_path / "tiny.jsonl").write_text(json.dumps({"turns": ["Hi"]}) + "\n")  # an unknown task: all rows selected
+    for bad, why in (("heldout:tiny", "every row"), ("heldout:nosuchtask", "nosuchtask")):
+        with pytest.raises(SystemExit, match=why):
+            bc.load_prompts(bad)
     mix = bc.load_prompts("stdlib-code, heldout:gsm8k", 0, 3)
     texts = [c[0]["content"] for c in mix]
     assert sorted(texts) == sorted(firsts + held) and texts != firsts + held
