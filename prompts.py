@@ -2,6 +2,7 @@
 
     load_prompts("builtin", 1024)                # templated chat prompts (math, code, writing...), no eval prompt
     load_prompts("stdlib-code")                  # HumanEval-format prompts from Python's standard library
+    load_prompts("stdlib-methods")               # the same from its classes' methods
     load_prompts("heldout:gsm8k")                # an eval task's rows outside DeepSpec's selection
     load_prompts("a.jsonl,stdlib-code", seed=1)  # several sources, shuffled together
 """
@@ -39,8 +40,8 @@ def load_prompts(source, n=0, seed=0):
         return convs[:n or None]
     if source == "builtin":
         return builtin_prompts(n or 4096, seed)
-    if source == "stdlib-code":
-        return stdlib_code_prompts()[:n or None]
+    if source in ("stdlib-code", "stdlib-methods"):
+        return stdlib_code_prompts(methods=source == "stdlib-methods")[:n or None]
     if source.startswith("heldout:"):  # an eval task's rows outside DeepSpec's selection (data: NANOSPEC_DATA_DIR)
         from evaluate import MissingTask, load_task
         try:
@@ -55,7 +56,7 @@ def load_prompts(source, n=0, seed=0):
     elif source.endswith(".jsonl") and os.path.exists(source):
         rows = (_json_or_none(line) for line in open(source, encoding="utf-8") if line.strip())
     else:
-        raise SystemExit(f"prompts: {source!r} is not 'builtin', 'stdlib-code', 'heldout:<task>', "
+        raise SystemExit(f"prompts: {source!r} is not 'builtin', 'stdlib-code', 'stdlib-methods', 'heldout:<task>', "
                          f"'open-perfectblend', an existing .jsonl file or a comma-separated list of these")
     convs, bad = [], 0
     for conv in map(normalize_conversation, rows):
@@ -146,34 +147,53 @@ _STDLIB = ("string textwrap posixpath ntpath json json.decoder statistics fracti
            "socketserver selectors asyncio.base_events graphlib zoneinfo tomllib wsgiref.util").split()
 
 
-def stdlib_code_prompts():
+def stdlib_code_prompts(methods=False):
     """HumanEval-format prompts from the running Python's own standard library: each public function's
-    signature and docstring (first paragraph, first doctest). ~700 on Python 3.11; none are eval tasks."""
+    signature and docstring (first paragraph, first doctest). ~700 on Python 3.11; none are eval tasks.
+    methods=True: the public methods of the modules' public classes instead, each inside its class
+    (`stdlib-methods`, ~1,000)."""
     import importlib
     import inspect
     import textwrap
+
+    def prompt(name, fn, indent=""):
+        try:
+            doc, sig = inspect.getdoc(fn), str(inspect.signature(fn))
+        except (TypeError, ValueError):
+            return None
+        if not doc or len(doc) < 40 or len(sig) > 120 or " at 0x" in sig:
+            return None
+        paras = doc.split("\n\n")
+        body = "\n".join(([paras[0]] + [p for p in paras[1:] if ">>>" in p][:1])).splitlines()[:12]
+        src = f"def {name}{sig}:\n" + textwrap.indent('""" ' + "\n".join(body) + '\n"""', "    ") + "\n"
+        return textwrap.indent(src, indent)
+
     out, seen = [], set()
     for m in _STDLIB:
         try:
             mod = importlib.import_module(m)
         except Exception:  # noqa: BLE001 (a module a platform lacks)
             continue
-        for name, fn in sorted(vars(mod).items()):
-            if name.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != mod.__name__:
+        for name, obj in sorted(vars(mod).items()):
+            if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
                 continue
-            try:
-                doc, sig = inspect.getdoc(fn), str(inspect.signature(fn))
-            except (TypeError, ValueError):
+            if not methods and inspect.isfunction(obj):
+                srcs = [prompt(name, obj)]
+            elif methods and inspect.isclass(obj):
+                srcs = [prompt(k, f, "    ") for k, f in sorted(vars(obj).items())
+                        if not k.startswith("_") and inspect.isfunction(f)]
+                srcs = [f"class {name}:\n{src}" for src in srcs if src]
+            else:
                 continue
-            if not doc or len(doc) < 40 or len(sig) > 120 or " at 0x" in sig or (name, sig) in seen:
-                continue
-            seen.add((name, sig))
-            paras = doc.split("\n\n")
-            body = "\n".join(([paras[0]] + [p for p in paras[1:] if ">>>" in p][:1])).splitlines()[:12]
-            out.append(f"def {name}{sig}:\n" + textwrap.indent('""" ' + "\n".join(body) + '\n"""', "    ") + "\n")
+            for src in filter(None, srcs):
+                key = tuple(src.splitlines()[:1 + methods])  # the def line (and class): one prompt per signature
+                if key not in seen:
+                    seen.add(key)
+                    out.append(src)
     random.Random(0).shuffle(out)
+    what = "method" if methods else "function"
     asks = ["Write a solution to the following problem and make sure that it passes the tests:",
-            "Complete the following Python function:"]
+            f"Complete the following Python {what}:"]
     return [[{"role": "user", "content": f"{asks[i % 2]}\n```python\n{src}\n```"}] for i, src in enumerate(out)]
 
 

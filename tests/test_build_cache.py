@@ -348,7 +348,7 @@ def test_cli_torchrun_matches_in_process_and_dry_run_is_exact(cache, tmp_path):
 
 
 def test_stdlib_code_heldout_and_mixed_prompt_sources(tmp_path, monkeypatch):
-    """stdlib-code: hundreds of distinct HumanEval-format prompts, none an eval prompt; heldout:<task>: exactly
+    """stdlib-code / stdlib-methods: hundreds of distinct HumanEval-format prompts, none an eval prompt; heldout:<task>: exactly
     the rows DeepSpec's selection leaves out (one-line errors when none are, or the task is missing);
     "a,b": the union, shuffled by seed."""
     code = bc.load_prompts("stdlib-code")
@@ -356,9 +356,12 @@ def test_stdlib_code_heldout_and_mixed_prompt_sources(tmp_path, monkeypatch):
     assert len(set(firsts)) == len(firsts) > 300 and bc.load_prompts("stdlib-code", 5) == code[:5]
     assert all(f.count("```") == 2 and f.split("\n")[2].startswith("def ") and " at 0x" not in f.split("\n")[2]
                and '"""' in f for f in firsts)
+    meth = [conv[0]["content"] for conv in bc.load_prompts("stdlib-methods")]  # each method inside its class
+    assert len(set(meth)) == len(meth) > 500 and not set(meth) & set(firsts)
+    assert all(f.split("\n")[2].startswith("class ") and f.split("\n")[3].startswith("    def ") for f in meth)
     files = glob.glob(os.path.join(EVAL_DIR, "*.jsonl"))
     evals = {t for f in files for line in open(f) for t in json.loads(line)["turns"]}
-    assert not set(firsts) & evals
+    assert not set(firsts + meth) & evals
     rows = [f"Question {i}: what is {i} + {i}?" for i in range(520)]  # gsm8k's protocol selects 500 of them
     (tmp_path / "gsm8k.jsonl").write_text("".join(json.dumps({"turns": [r]}) + "\n" for r in rows))
     monkeypatch.setenv("NANOSPEC_DATA_DIR", str(tmp_path))
