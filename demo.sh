@@ -16,8 +16,8 @@ DATA=${DATA:-../shared/eval_datasets}  # eval prompts as {"turns": [...]} JSONL;
 SHIP=drafters/smollm2_dspark     # the shipped drafter (git), evaluated too when present
 SHIP_BLOCK=${SHIP_BLOCK:-2}      # its drafts per round: the fastest chain length on this CPU (bench.py decode, LOG.md)
 
-# progress: elapsed time and an ETA from each stage's share of two measured runs (tenths of a minute, 1 thread)
-START=$SECONDS DONE=0 TOTAL=$((68 + 12 + 66 + 66 + 106 + 6 * 13 + 13))
+# progress: elapsed time and an ETA from each stage's share of a measured run (tenths of a minute, 2 threads)
+START=$SECONDS DONE=0 TOTAL=$((43 + 7 + 37 + 35 + 45 + 6 * 8 + 5))
 stage() {  # stage <share of the stage that starts now> <title>
   local el=$((SECONDS - START)) eta=""
   [ $DONE -gt 0 ] && eta=", ~$((el * (TOTAL - DONE) / DONE / 60 + 1)) min left"
@@ -25,21 +25,21 @@ stage() {  # stage <share of the stage that starts now> <title>
   DONE=$((DONE + $1))
 }
 
-stage 68 "1/3 answers + features: $PROMPTS built-in prompts, SmolLM2 regenerates (bf16: ~2.5x faster on a CPU), fp8 taps (fp32)"
+stage 43 "1/3 answers + features: $PROMPTS built-in prompts, SmolLM2 regenerates (bf16: ~2.5x faster on a CPU), fp8 taps (fp32)"
 $PY build_cache.py configs/dspark_smollm2.py $COMMON --num_prompts=$PROMPTS --gen_max_new_tokens=128 --gen_batch_size=24 \
   --stage=answers --dtype=bfloat16
-stage 12 "1/3 features (fp32 target forward, fp8 taps)"
+stage 7 "1/3 features (fp32 target forward, fp8 taps)"
 $PY build_cache.py configs/dspark_smollm2.py $COMMON --num_prompts=$PROMPTS --stage=features
 
 for d in dspark dflash eagle3; do
-  stage $([ $d = eagle3 ] && echo 106 || echo 66) "2/3 train $d ($STEPS steps, offline from the shared cache)"
+  stage $(case $d in dspark) echo 37;; dflash) echo 35;; *) echo 45;; esac) "2/3 train $d ($STEPS steps, offline from the shared cache)"
   $PY train.py configs/${d}_smollm2.py $COMMON --out_dir=$DEMO/$d --max_steps=$STEPS
 done
 
 for d in dspark dflash eagle3; do
   for t in 0 1; do
     suffix=$([ $t = 0 ] && echo "" || echo "_t1")
-    stage 13 "3/3 evaluate $d at temperature $t"
+    stage 8 "3/3 evaluate $d at temperature $t"
     $PY evaluate.py configs/${d}_smollm2.py --target=smollm2 --draft=$DEMO/$d/step_latest --task=gsm8k,humaneval \
       --data_dir=$DATA --num_prompts=$EVAL_PROMPTS --max_new_tokens=96 --temperature=$t \
       --out=$DEMO/$d$suffix.json
@@ -47,7 +47,7 @@ for d in dspark dflash eagle3; do
 done
 
 if [ -f $SHIP/config.json ]; then
-  stage 13 "3/3 evaluate the shipped drafter $SHIP at temperature 0 ($SHIP_BLOCK drafts per round)"
+  stage 5 "3/3 evaluate the shipped drafter $SHIP at temperature 0 ($SHIP_BLOCK drafts per round)"
   $PY evaluate.py --target=smollm2 --draft=$SHIP --task=gsm8k,humaneval --data_dir=$DATA --num_prompts=$EVAL_PROMPTS \
     --max_new_tokens=96 --temperature=0 --block_size=$SHIP_BLOCK --out=$DEMO/shipped.json
 fi
@@ -57,14 +57,15 @@ $PY - "$DEMO" <<'PY'
 import json, os, sys
 demo = sys.argv[1]
 print("\nnanospec CPU demo: SmolLM2-135M-Instruct target, gsm8k + humaneval prompts, batch 1")
-print(f"{'drafter':8} {'temp':>4} {'tau':>5} {'acc@1..4 (conditional)':>26} {'tok/s':>6} {'plain':>6} {'speedup':>8}")
+print(f"{'drafter':8} {'temp':>4} {'tau':>5} {'macro':>5} {'acc@1..4 (conditional)':>26} {'tok/s':>6} {'plain':>6} {'speedup':>8}")
 runs = [(d, t, f"{demo}/{d}{s}.json") for d in ("dspark", "dflash", "eagle3") for t, s in ((0, ""), (1, "_t1"))]
 runs += [("shipped", 0, f"{demo}/shipped.json")] if os.path.exists(f"{demo}/shipped.json") else []
 for d, t, path in runs:
-    o = json.load(open(path))["overall"]
+    r = json.load(open(path))
+    o, macro = r["overall"], sum(t["tau"] for t in r["tasks"].values()) / len(r["tasks"])  # tau: all rounds; macro: task mean
     acc = " ".join("-" if a is None else f"{a:.2f}" for a in o["accept_rate_conditional"][:4])
     note = "" if o["speedup"] >= 1 else "  (slower than plain decoding)"
-    print(f"{d:8} {t:>4} {o['tau']:5.2f} {acc:>26} {o['tokens_per_s']:6.1f} {o['baseline_tokens_per_s']:6.1f}"
+    print(f"{d:8} {t:>4} {o['tau']:5.2f} {macro:5.2f} {acc:>26} {o['tokens_per_s']:6.1f} {o['baseline_tokens_per_s']:6.1f}"
           f" {o['speedup']:7.2f}x{note}")
 print(f"reports: {demo}/<drafter>.json (temperature 0) and <drafter>_t1.json; checkpoints: {demo}/<drafter>/step_latest"
       + ("; the shipped drafter (trained ~3.5 h on this CPU, not by this demo): shipped.json" if len(runs) > 6 else ""))
