@@ -62,7 +62,7 @@ runs = [(d, t, f"{demo}/{d}{s}.json") for d in ("dspark", "dflash", "eagle3") fo
 runs += [("shipped", 0, f"{demo}/shipped.json")] if os.path.exists(f"{demo}/shipped.json") else []
 for d, t, path in runs:
     r = json.load(open(path))
-    o, macro = r["overall"], sum(t["tau"] for t in r["tasks"].values()) / len(r["tasks"])  # tau: all rounds; macro: task mean
+    o, macro = r["overall"], sum(task["tau"] for task in r["tasks"].values()) / len(r["tasks"])  # tau: all rounds; macro: task mean
     acc = " ".join("-" if a is None else f"{a:.2f}" for a in o["accept_rate_conditional"][:4])
     note = "" if o["speedup"] >= 1 else "  (slower than plain decoding)"
     print(f"{d:8} {t:>4} {o['tau']:5.2f} {macro:5.2f} {acc:>26} {o['tokens_per_s']:6.1f} {o['baseline_tokens_per_s']:6.1f}"
