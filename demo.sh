@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU demo (`make demo`): SmolLM2-135M-Instruct regenerates answers to built-in prompts, one
-# fp8 feature cache serves three drafters (DSpark, DFlash, Eagle3) trained from scratch, and each
+# bf16 feature cache serves three drafters (DSpark, DFlash, Eagle3) trained from scratch, and each
 # is evaluated with lossless speculative decoding at temperature 0 and 1 against plain decoding.
 # Every stage is resumable: a rerun reuses finished answers, shards, checkpoints and prompts.
 set -euo pipefail
@@ -25,10 +25,10 @@ stage() {  # stage <share of the stage that starts now> <title>
   DONE=$((DONE + $1))
 }
 
-stage 43 "1/3 answers + features: $PROMPTS built-in prompts, SmolLM2 regenerates (bf16: ~2.5x faster on a CPU), fp8 taps (fp32)"
+stage 43 "1/3 answers + features: $PROMPTS built-in prompts, SmolLM2 regenerates (bf16: ~2.5x faster on a CPU), bf16 taps (fp32 forward)"
 $PY build_cache.py configs/dspark_smollm2.py $COMMON --num_prompts=$PROMPTS --gen_max_new_tokens=128 --gen_batch_size=24 \
   --stage=answers --dtype=bfloat16
-stage 7 "1/3 features (fp32 target forward, fp8 taps)"
+stage 7 "1/3 features (fp32 target forward, bf16 taps)"
 $PY build_cache.py configs/dspark_smollm2.py $COMMON --num_prompts=$PROMPTS --stage=features
 
 for d in dspark dflash eagle3; do
@@ -49,7 +49,7 @@ done
 if [ -f $SHIP/config.json ]; then
   stage 5 "3/3 evaluate the shipped drafter $SHIP at temperature 0 ($SHIP_BLOCK drafts per round)"
   $PY evaluate.py --target=smollm2 --draft=$SHIP --task=gsm8k,humaneval --data_dir=$DATA --num_prompts=$EVAL_PROMPTS \
-    --max_new_tokens=96 --temperature=0 --block_size=$SHIP_BLOCK --out=$DEMO/shipped.json
+    --max_new_tokens=96 --temperature=0 --block_size=$SHIP_BLOCK --device=cpu --out=$DEMO/shipped.json
 fi
 echo "== done in $(((SECONDS - START) / 60))m$(((SECONDS - START) % 60))s"
 

@@ -138,6 +138,7 @@ class DecoderLayer(nn.Module):
 
 class DFlash(nn.Module):
     kind = "dflash"
+    normalize_over_ranks = True  # train.py divides each micro-step's loss by its weight summed over ranks (DeepSpec)
 
     def __init__(self, config):
         """config: the dict of config.json (target fields + drafter fields), see from_target."""
@@ -380,8 +381,9 @@ class DFlash(nn.Module):
         return out
 
     @torch.no_grad()
-    def propose(self, state, anchor, k, temperature=0.0, top_k=0, top_p=1.0, generator=None):
-        """Chain of k draft tokens [k], the full-vocab distributions they were drawn from [k, V], conf (None)."""
+    def propose(self, state, anchor, k, temperature=0.0, top_k=0, top_p=1.0, generator=None, stop_ids=None):
+        """Chain of k draft tokens [k], the full-vocab distributions they were drawn from [k, V], conf (None).
+        stop_ids is accepted and ignored: the block is drafted in one forward and DeepSpec verifies it whole."""
         if not 1 <= k <= self.block_size:
             raise ValueError(f"propose: k={k} must lie in [1, block_size={self.block_size}]")
         h, U = self._block(state, anchor, k)

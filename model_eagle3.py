@@ -16,8 +16,10 @@ Training-time test (paper s.3.3, REFERENCE s.4), steps k = 0..K-1 (K = ttt_lengt
     sits at RoPE position t+k, and predicts x_{t+k+2}: soft CE against
     softmax(lm_head(last_hidden[t+k+1])), weighted step_loss_decay**k (0.8^k);
     it attends step-0 keys s <= t (real features) plus its own "diagonal" keys of steps 1..k;
-    it is supervised iff t+k+2 < T and loss_mask[t+k+2] = 1 (the predicted token is an assistant
-    token; then label_mask[t+k+1] = 1, so last_hidden[t+k+1] is exact, as the batch contract says).
+    it is supervised iff loss_mask[t+k] = 1 and t+k is not the sequence's last token (DeepSpec's rule,
+    inherited from SpecForge: the first two tokens of an answer are never predicted, the two after its
+    end are; the cache keeps last_hidden one token past each answer for them).
+Loss (DeepSpec's "local mean"): each step's summed soft CE over B*T, every sequence weighing the same.
 Step k at position t is exactly draft slot k+1 of a chain with context x_{<=t}, anchor x_{t+1} and
 drafts x_{t+2..t+k+1}: training sees what inference sees, its own features fed back.
 
@@ -75,6 +77,14 @@ def apply_rope(x, cos, sin):
 def shift(x, n):
     """x [B,T,...] -> x[:, t+n] at position t, zeros past the end (teacher-forced look-ahead)."""
     return torch.cat([x[:, n:], x.new_zeros(x[:, :n].shape)], 1)
+
+
+def supervised(loss_mask, lengths, k):
+    """[B,T] bool: TTT step k at position t is scored iff loss_mask[t+k] = 1 and t+k is not the last token
+    (t+k+1 < length): DeepSpec's rule (REFERENCE s.4). Its draft predicts x_{t+k+2}, so an answer's first two
+    tokens are never predicted and the two after its end are."""
+    real = torch.arange(loss_mask.shape[1], device=loss_mask.device) < lengths[:, None]  # False on right padding
+    return shift(loss_mask, k).bool() & shift(real, k + 1)
 
 
 def ttt_attention(q, ks, vs):
@@ -145,6 +155,8 @@ class Layer(nn.Module):
 
 
 class Eagle3(nn.Module):
+    normalize_over_ranks = False  # train.py divides the loss by metrics["weight"] = B*T of this rank's micro-batch
+
     def __init__(self, config):
         """config: the checkpoint's config.json dict (target config fields + Eagle3 fields)."""
         super().__init__()
@@ -250,24 +262,26 @@ class Eagle3(nn.Module):
         return outs
 
     def forward(self, batch, generators=None):
-        """Training: batch dict (contract) -> (loss_sum, metrics). Eagle3 draws nothing random."""
+        """Training: batch dict (contract) -> (loss_sum, metrics); metrics["weight"] = B*T is the loss's
+        denominator (DeepSpec's local mean over the micro-batch, REFERENCE s.4). Eagle3 draws nothing random."""
         ids, loss_mask = batch["input_ids"], batch["loss_mask"]
         last_hidden = batch["last_hidden"]
+        B, T = ids.shape
+        lengths = batch["lengths"] if "lengths" in batch else torch.full((B,), T, device=ids.device)
         W = self.draft_head()  # [Vd, H]
         K = self.ttt_length
         outs = self.unroll(ids, batch["taps"])
         loss = W.new_zeros((), dtype=torch.float32)
         z = lambda: torch.zeros(K, device=W.device)  # noqa: E731
-        m = {"weight": 0.0, "ce": 0.0, "slot_count": z(), "slot_top1": z(), "slot_accept": z()}  # sums
+        m = {"weight": float(B * T), "ce": 0.0, "slot_count": z(), "slot_top1": z(), "slot_accept": z()}  # sums
         for k, h in enumerate(outs):
-            sup = shift(loss_mask, k + 2).bool()  # [B,T]: x_{t+k+2} exists and is loss-masked
+            sup = supervised(loss_mask, lengths, k)  # [B,T]
             hd = self.norm(h[sup])  # [N,H] supervised draft rows only
             ht = shift(last_hidden, k + 1)[sup]  # [N,H] target state last_hidden[t+k+1]
             # soft CE -sum_v p_t log p_d [N], chunked over the vocabulary: no [N,V] tensor is kept
             ce, l1, am_d, am_t = kernels.fused_soft_ce(hd, ht, W, return_stats=True)
             w = self.step_loss_decay ** k  # paper/DeepSpec step weight 0.8^k
             loss = loss + w * ce.sum()
-            m["weight"] += w * ce.numel()
             m["ce"] += w * ce.detach().sum()
             m["slot_count"][k] = ce.numel()
             m["slot_top1"][k] = (am_d == am_t).sum()  # draft argmax == target argmax
@@ -339,11 +353,14 @@ class Eagle3(nn.Module):
         state["pending"] = taps[-1]
 
     @torch.no_grad()
-    def propose(self, state, anchor, k, temperature=0.0, top_k=0, top_p=1.0, generator=None):
-        """A chain of k drafts after `anchor` -> (tokens [k], probs [k,V], None). Each slot's output
-        hidden is the next slot's feature (as in TTT); speculative K/V stay in local tensors."""
+    def propose(self, state, anchor, k, temperature=0.0, top_k=0, top_p=1.0, generator=None, stop_ids=None):
+        """A chain of k drafts after `anchor` -> (tokens [k'], probs [k',V], None). Each slot's output
+        hidden is the next slot's feature (as in TTT); speculative K/V stay in local tensors.
+        stop_ids (target token ids, e.g. the target's eos_token_ids; None = no stop): the chain ends after
+        the first drafted stop token, as DeepSpec drafts (k' <= k; the rows are the unstopped chain's prefix)."""
         past, S = state["kv"], state["kv"][0][0].shape[2]
         dev = self.fc.weight.device
+        stop = None if stop_ids is None else {int(x) for x in stop_ids}
         h = self.fc(state["pending"][None].to(self.fc.weight.dtype))  # [1,H] root: anchor's context features
         tok = torch.tensor([int(anchor)], device=dev)
         tokens, probs = [], []
@@ -355,6 +372,8 @@ class Eagle3(nn.Module):
             tok = idx if self.d2t is None else self.d2t[idx]  # draft id -> target id
             tokens.append(tok)
             probs.append(full)
+            if stop and int(tok) in stop:  # a drafted end of turn: later drafts could never be committed
+                break
         return torch.cat(tokens), torch.cat(probs), None
 
     @torch.no_grad()

@@ -205,6 +205,7 @@ class Target:
         self.eos_token_ids = {vocab[t] for t in END_OF_TURN if t in vocab} | (
             {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        self.family = chat_family(self.config)  # the rendering of training samples (render)
         self._taps = None  # filled by the layer hooks during a forward
 
         def hook(module, args, output, idx=None):
@@ -272,13 +273,24 @@ class Target:
         return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
     def render(self, messages):
-        """Conversation -> {input_ids [T], loss_mask [T], label_mask [T]} (DESIGN.md, masks).
+        """Conversation -> {input_ids [T], loss_mask [T]}: the training text of a sample (DESIGN.md, masks).
 
-        loss_mask = 1 on each assistant turn's content and its end-of-turn token; never on headers,
-        system prompts or Qwen3's empty think block (they belong to the prompt). Found on the rendered
-        text: each assistant content is located after the previous one, and the tokens overlapping it
-        are marked, plus the end-of-turn token that follows it (only whitespace may lie in between).
+        Qwen3 and Gemma-4 targets follow DeepSpec's rendering exactly (REFERENCE.md s.7, `training_pieces`).
+        Other families (SmolLM2, Llama) use the tokenizer's chat template as it is (a default system prompt
+        included) and loss_mask = 1 on each assistant turn's content and its end-of-turn token: each content is
+        found in the rendered text after the previous one, plus the end-of-turn token that follows it.
         """
+        if self.family in ("qwen3", "gemma4"):
+            pieces = training_pieces(messages, self.family)
+            text = "".join(p for p, _ in pieces)
+            spans, pos = [], 0  # character spans of the masked pieces
+            for p, masked in pieces:
+                spans += [(pos, pos + len(p))] if masked else []
+                pos += len(p)
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            mask = [int(any(a < e and b > s for s, e in spans)) for a, b in enc["offset_mapping"]]  # token overlaps
+            return {"input_ids": torch.tensor(enc["input_ids"], dtype=torch.long),
+                    "loss_mask": torch.tensor(mask, dtype=torch.long)}
         text = self._chat_text(messages, add_generation_prompt=False)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -303,9 +315,41 @@ class Target:
                 loss_mask[t] = 1
                 cursor = offsets[t][1]
                 t += 1
-        loss_mask = torch.tensor(loss_mask, dtype=torch.long)
-        label_mask = torch.cat([loss_mask[1:], loss_mask.new_zeros(1)])  # label_mask[t] = loss_mask[t+1]
-        return {"input_ids": torch.tensor(ids, dtype=torch.long), "loss_mask": loss_mask, "label_mask": label_mask}
+        return {"input_ids": torch.tensor(ids, dtype=torch.long), "loss_mask": torch.tensor(loss_mask, dtype=torch.long)}
+
+
+def chat_family(config):
+    """Which training rendering a target gets: "qwen3", "gemma4" (DeepSpec's) or "template" (its own)."""
+    kind = str(getattr(config, "model_type", ""))
+    return "qwen3" if kind.startswith("qwen3") else "gemma4" if kind.startswith("gemma4") else "template"
+
+
+QWEN3_SYSTEM_PROMPT = "You are a helpful assistant."  # DeepSpec inserts it into every Qwen training sample
+
+
+def training_pieces(messages, family):
+    """DeepSpec's training text (REFERENCE.md s.7) as [(text, masked)] pieces; evaluation prompts do not use it.
+
+    qwen3:  "You are a helpful assistant." as system turn (unless the sample has one); each assistant turn is
+            <|im_start|>assistant\n + [<think>\n\n</think>\n\n{content}<|im_end|>\n], the bracket masked:
+            the empty think block is what generation with thinking off emits first.
+    gemma4: <bos>, no system prompt; each model turn is <|turn>model\n<|channel>thought\n<channel|> +
+            [{content}<turn|>\n]: the empty thought channel ends the generation prompt, so it stays unmasked.
+    """
+    if family == "qwen3":
+        turn = lambda role, text: [(f"<|im_start|>{role}\n{text}<|im_end|>\n", False)]  # noqa: E731
+        answer = lambda text: [("<|im_start|>assistant\n", False),  # noqa: E731
+                               (f"<think>\n\n</think>\n\n{text}<|im_end|>\n", True)]
+        pieces = [] if messages and messages[0]["role"] == "system" else turn("system", QWEN3_SYSTEM_PROMPT)
+    elif family == "gemma4":
+        turn = lambda role, text: [(f"<|turn>{role}\n{text}<turn|>\n", False)]  # noqa: E731
+        answer = lambda text: [("<|turn>model\n<|channel>thought\n<channel|>", False), (f"{text}<turn|>\n", True)]
+        pieces = [("<bos>", False)]
+    else:
+        raise ValueError(f"training_pieces: no DeepSpec rendering for family {family!r}")
+    for m in messages:
+        pieces += answer(m["content"].strip()) if m["role"] == "assistant" else turn(m["role"], m["content"])
+    return pieces
 
 
 # -----------------------------------------------------------------------------

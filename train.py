@@ -10,14 +10,20 @@ one GPU:
 several nodes:
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_endpoint=HOST:29500 train.py configs/dspark_qwen3_4b.py
 
-Data (DESIGN.md): `data_mode=online` runs the frozen target inside the job and computes the features of
-each batch (nothing on disk but the answers); `data_mode=offline` reads build_cache.py shards. Both give
-identical batches (the same rounding to `cache_dtype` is applied online).
+Data (DESIGN.md): `data_mode=online` runs the frozen target inside the job and trains on its own features
+(nothing on disk but the answers, no rounding beyond the compute dtype); `data_mode=offline` reads
+build_cache.py shards (bf16 by default, as DeepSpec; fp8 on request). With a bf16 target both give
+identical batches.
+Loss normalization is DeepSpec's (REFERENCE.md s.4): a DSpark/DFlash micro-step is divided by its supervised
+weight summed over all ranks, an Eagle3 micro-step by B*T of its own micro-batch, and the micro-steps of an
+optimizer step are averaged. Micro-step m of all ranks reads world x micro_batch_size consecutive samples
+of the global stream.
 Determinism: sample g of the global stream is fixed by (seed, g); each sample's random anchors come from
-a generator seeded by (seed, sample_id, step); the loss is normalized by the all-reduced supervised
-weight. So 1 rank and N ranks make the same update, and a resume (even on another process count)
-continues the same stream.
+a generator seeded by (seed, sample_id, step). So the update depends on the global batch and on the
+samples per micro-step over all ranks (world x micro_batch_size), not otherwise on the process count, and
+a resume (even on another process count with the same world x micro_batch_size) continues the same stream.
 """
+import contextlib
 import functools
 import json
 import math
@@ -38,7 +44,6 @@ target_layer_ids = None          # None = default_layer_ids(L) (or the tiny alia
 target_geometry = None           # {layers, hidden, heads, kv_heads, head_dim, vocab}: checked at load time
 data_mode = "online"             # online | offline
 cache_dir = "out/cache"          # answers.jsonl (both modes) and feature shards (offline)
-cache_dtype = "fp8"              # rounding of target features: fp8 | bf16 (online applies it too)
 max_len = 4096                   # tokens per training sequence
 min_supervised = 14              # samples with fewer supervised tokens are dropped (as build_cache.py does)
 keep_truncated = True            # keep answers cut by the generation budget (their end is not supervised)
@@ -141,7 +146,7 @@ elif data_mode == "online":
                      if int(render_sample(tgt, a["messages"], max_len, cut(a))[1].sum()) >= min_supervised]
     pool = list(range(len(train_answers)))
     get_record = lambda i: make_record(tgt, train_answers[i]["messages"], train_answers[i]["sample_id"],  # noqa: E731
-                                       max_len, cache_dtype, truncated=cut(train_answers[i]))
+                                       max_len, truncated=cut(train_answers[i]))
 else:
     raise SystemExit(f"train: data_mode must be online or offline, got {data_mode!r}")
 N = len(pool)
@@ -264,7 +269,10 @@ def save_checkpoint(step):
 
 
 def all_reduce(t):
-    return dist.all_reduce(t) or t if ddp else t
+    """Sum over ranks, in place (a no-op on one process)."""
+    if ddp:
+        dist.all_reduce(t)
+    return t
 
 
 # --- training loop -----------------------------------------------------------------------------------
@@ -278,21 +286,21 @@ while step < max_steps:
         group["lr"] = lr
     sums = {}
     for micro in range(accum):
-        first = step * global_batch_size + rank * per_rank + micro * micro_batch_size
+        first = step * global_batch_size + (micro * world + rank) * micro_batch_size  # micro-step m: all ranks
         batch = collate([get_record(stream_index(g)) for g in range(first, first + micro_batch_size)])
         tokens += int(batch["lengths"].sum())
         sync = not ddp or micro == accum - 1  # all-reduce gradients only on the last micro-step
-        with (model.no_sync() if not sync else torch.enable_grad()), autocast:
+        with (model.no_sync() if not sync else contextlib.nullcontext()), autocast:
             loss_sum, metrics = model(batch, sample_generators(batch["sample_id"].tolist(), step))
-            loss_sum.backward()
-        for k, v in {**metrics, "loss": loss_sum}.items():
+            if raw_model.normalize_over_ranks:  # DSpark/DFlash: / this micro-step's weight on all ranks;
+                weight = all_reduce(metrics["weight"].clone())  # x world, as DDP averages gradients over ranks
+                loss = loss_sum * world / (weight + 1e-6)
+            else:  # Eagle3: / B*T of this rank's micro-batch, DeepSpec's local mean
+                loss = loss_sum / metrics["weight"]
+            (loss / accum).backward()  # micro-steps averaged
+        for k, v in {**metrics, "loss": loss / accum}.items():
             sums[k] = sums.get(k, 0) + v.detach().float()
-    # normalize by the global supervised weight: DDP averaged the gradients over ranks, so scale by world/W
-    sums = {k: all_reduce(v.to(device)) for k, v in sums.items()}
-    scale = world / sums["weight"].clamp(min=1e-8)
-    for p in params:
-        if p.grad is not None:
-            p.grad.mul_(scale)
+    sums = {k: all_reduce(v.to(device)) for k, v in sums.items()}  # logged: sums over micro-steps and ranks
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else torch.zeros(())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -306,7 +314,8 @@ while step < max_steps:
         expected_tau = 1 + sum(math.prod(accept[:k + 1]) for k in range(len(accept)))
         dt = time.time() - t0
         row = dict(step=step, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tokens * world / dt,
-                   **{k: float(v) / W for k, v in sums.items() if v.dim() == 0 and k != "weight"},
+                   **{k: float(v) / W for k, v in sums.items() if v.dim() == 0 and k not in ("weight", "loss")},
+                   loss=float(sums["loss"]) / world,  # the objective: mean over ranks of the averaged micro-steps
                    slot_accept=accept, slot_top1=top1, expected_tau=expected_tau)
         log.write(json.dumps(row) + "\n")
         log.flush()

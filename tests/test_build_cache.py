@@ -19,7 +19,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import build_cache as bc  # noqa: E402
-import evaluate  # noqa: E402
+import prompts  # noqa: E402
 from conftest import EVAL_DIR  # noqa: E402
 from target import load_target  # noqa: E402
 
@@ -120,44 +120,65 @@ def test_fp8_error_bound_and_bf16_exact():
         bc.encode_features(x, n, "fp16")
 
 
-def test_bf16_cache_is_bit_exact_and_last_hidden_only_at_labels(tiny, cache):
+def test_bf16_cache_is_bit_exact_and_last_hidden_only_where_read(tiny, cache):
     """A bf16 cache returns exactly the bf16 cast of target.features recomputed now: taps at every token,
-    last_hidden where label_mask = 1 and zeros elsewhere; ids and loss mask equal the rendering."""
+    last_hidden where hidden_mask = 1 and zeros elsewhere; ids and loss mask equal the rendering."""
     reader = cache["bf16"]
     assert len(reader) == N and [reader[i]["sample_id"] for i in range(N)] == list(range(N))
     for i in range(N):
         rec, row = reader[i], cache["rows"][i]
-        ids, loss_mask, label_mask = bc.render_sample(tiny, row["messages"], 4096, row["finish_reason"] == "length")
+        ids, loss_mask, hidden_mask = bc.render_sample(tiny, row["messages"], 4096, row["finish_reason"] == "length")
         taps, last = tiny.features(ids[None])
         assert torch.equal(rec["input_ids"], ids) and torch.equal(rec["loss_mask"], loss_mask)
         assert torch.equal(rec["taps"], taps[0].to(torch.bfloat16).float())
-        lab = label_mask.bool()
+        lab = hidden_mask.bool()
         assert lab.sum() >= MIN_SUP - 1 and (~lab).any()
         assert torch.equal(rec["last_hidden"][lab], last[0][lab].to(torch.bfloat16).float())
         assert (rec["last_hidden"][~lab] == 0).all()
 
 
-def test_fp8_cache_within_bound_and_online_equals_offline(tiny, cache):
-    """make_record (online mode) gives the very tensors the reader gives (bf16 and fp8), and fp8 taps
-    stay within the e4m3 bound of the fp32 features."""
+def test_fp8_cache_within_bound_and_online_rounds_nothing(tiny, cache):
+    """make_record (online mode) gives the reader's ids, masks and layout with the target's own (unrounded)
+    features: their bf16 / fp8 roundings are the cached tensors; fp8 taps stay within the e4m3 bound."""
     for dt in ("bf16", "fp8"):
         for i in (0, N - 1):
             row, rec = cache["rows"][i], cache[dt][i]
-            online = bc.make_record(tiny, row["messages"], row["sample_id"], 4096, dt, row["finish_reason"] == "length")
+            online = bc.make_record(tiny, row["messages"], row["sample_id"], 4096, row["finish_reason"] == "length")
             assert online.keys() == rec.keys()
-            assert all(torch.equal(online[k], rec[k]) for k in rec if k != "sample_id")
+            assert all(torch.equal(online[k], rec[k]) for k in ("input_ids", "loss_mask"))
+            for k, n in (("taps", 5), ("last_hidden", 1)):
+                rounded = bc.decode_features(*bc.encode_features(online[k], n, dt), n)
+                keep = rec[k].abs().sum(-1) > 0  # last_hidden: rows outside hidden_mask are zeros in both
+                assert torch.equal(rounded[keep], rec[k][keep]) and (online[k][~keep] == 0).all()
+                assert not torch.equal(online[k], rec[k])  # the cache rounds, online does not
     rec = cache["fp8"][2]
     taps = tiny.features(rec["input_ids"][None])[0][0]
     assert (rec["taps"] - taps).abs().max() > 0 and ((rec["taps"] - taps).abs() <= fp8_bound(taps, 5)).all()
 
 
 def test_truncated_answer_end_of_turn_not_supervised(tiny):
-    """An answer cut by max_new_tokens keeps its content supervised but not the template's end-of-turn."""
+    """An answer cut by max_new_tokens keeps its think block and content supervised but not the end of turn
+    (<|im_end|> and the newline after it: DeepSpec's Qwen mask ends with both)."""
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
     _, full, _ = bc.render_sample(tiny, msgs, 4096, False)
     ids, cut, _ = bc.render_sample(tiny, msgs, 4096, True)
-    last = int(full.nonzero()[-1])
-    assert int(ids[last]) in tiny.eos_token_ids and cut[last] == 0 and cut.sum() == full.sum() - 1
+    dec = lambda m: tiny.tokenizer.decode(ids[m.bool()])  # noqa: E731
+    assert dec(full) == "<think>\n\n</think>\n\nhello there<|im_end|>\n"
+    assert dec(cut) == "<think>\n\n</think>\n\nhello there"
+
+
+def test_hidden_mask_serves_both_drafters():
+    """hidden_mask = every position a drafter reads last_hidden at: t+1 supervised (DSpark/DFlash slot targets)
+    or t-1 supervised (Eagle3: loss_mask[t+k] scored against last_hidden[t+k+1]), at the start, the middle, the
+    end and with two spans."""
+    for lm, want in (([1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]), ([0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0]),
+                     ([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1]), ([0, 1, 0, 0, 1, 0], [1, 0, 1, 1, 0, 1])):
+        lm = torch.tensor(lm)
+        got = bc.hidden_mask_of(lm)
+        assert got.tolist() == want
+        dspark = torch.cat([lm[1:], lm.new_zeros(1)])  # last_hidden[t] with x_{t+1} supervised
+        eagle3 = torch.cat([lm.new_zeros(1), lm[:-1]])  # last_hidden[t+k+1] with loss_mask[t+k] set
+        assert torch.equal(got, dspark | eagle3)
 
 
 def test_answers_resume_after_kill_and_independent_of_batching(chatty, tmp_path, monkeypatch):
@@ -254,6 +275,15 @@ def test_corrupt_or_mismatched_cache_fails_with_rebuild_hint(cache, tmp_path):
     broken(lambda d: os.remove(os.path.join(d, "rank0_shard00000.bin")), "missing")
     broken(lambda d: open(os.path.join(d, "rank0_shard00000.bin"), "ab").write(b"x"), "bytes, not")
     broken(lambda d: os.remove(os.path.join(d, "rank0_shard00000.idx.npy")), "malformed")
+    # a version-1 cache (no last_hidden past each answer): one line naming the command that rebuilds its features
+    d = str(tmp_path / "v1")
+    shutil.copytree(src, d)
+    m = json.load(open(man(d)))
+    open(man(d), "w").write(json.dumps({**m, "version": 1}))
+    with pytest.raises(SystemExit, match=r"format version is 1, this nanospec reads version 2.*python build_cache.py "
+                       r"<config> --cache_dir=" + d + r" --stage=features \(answers are kept\)") as e:
+        bc.CacheReader(d)
+    assert "\n" not in str(e.value)
 
 
 class ChatServer(BaseHTTPRequestHandler):
@@ -366,7 +396,7 @@ def test_stdlib_code_heldout_and_mixed_prompt_sources(tmp_path, monkeypatch):
     (tmp_path / "gsm8k.jsonl").write_text("".join(json.dumps({"turns": [r]}) + "\n" for r in rows))
     monkeypatch.setenv("NANOSPEC_DATA_DIR", str(tmp_path))
     held = [conv[0]["content"] for conv in bc.load_prompts("heldout:gsm8k")]
-    chosen = [t[0] for t in evaluate.load_task("gsm8k", str(tmp_path))]
+    chosen = [t[0] for t in prompts.load_task("gsm8k", str(tmp_path))]
     assert len(held) == 20 and sorted(held + chosen) == sorted(rows)
     assert [c[0]["content"] for c in bc.load_prompts("heldout:gsm8k", 5)] == held[:5]
     (tmp_path / "tiny.jsonl").write_text(json.dumps({"turns": ["Hi"]}) + "\n")  # an unknown task: all rows selected

@@ -116,9 +116,9 @@ def reference_loss(model, b):
     for i in range(b["input_ids"].shape[0]):
         n = int(b["lengths"][i])
         x, taps, lh, lm = (b[k][i, :n] for k in ("input_ids", "taps", "last_hidden", "loss_mask"))
-        for t in range(n - 2):
+        for t in range(n - 1):
             state = model.start(x[:t + 1], taps[:t + 1])
-            ks = [k for k in range(K) if t + k + 2 < n and lm[t + k + 2]]
+            ks = [k for k in range(K) if t + k + 1 < n and lm[t + k]]  # DeepSpec's rule, REFERENCE s.4
             if not ks:
                 continue
             pd = model.next_probs(state, int(x[t + 1]), [tuple(x[t + 2:t + k + 2].tolist()) for k in ks],
@@ -126,11 +126,10 @@ def reference_loss(model, b):
             for row, k in enumerate(ks):
                 pt = (lh[t + k + 1] @ W.T).softmax(-1)
                 loss += 0.8 ** k * -(pt * pd[row].log()).sum()
-                weight += 0.8 ** k
                 count[k] += 1
                 top1[k] += float(pd[row].argmax() == pt.argmax())
                 accept[k] += 1 - 0.5 * (pd[row] - pt).abs().sum()
-    return loss, weight, count, top1, accept
+    return loss, float(b["input_ids"].numel()), count, top1, accept  # weight: B*T, DeepSpec's local mean
 
 
 def test_loss_matches_step_by_step_reference(target):
@@ -145,7 +144,57 @@ def test_loss_matches_step_by_step_reference(target):
     assert m["ce"].item() == pytest.approx(float(ref_loss), rel=1e-5)
     torch.testing.assert_close(m["slot_top1"], top1)
     torch.testing.assert_close(m["slot_accept"], accept, rtol=1e-5, atol=1e-5)
-    assert count.tolist() == [8 + 5, 8 + 5, 7 + 4]  # supervised: 3 <= t+k+2 < len, t >= 0
+    assert count.tolist() == [7 + 4, 7 + 4, 7 + 4]  # supervised: 3 <= t+k <= len-2, t >= 0
+
+
+# loss_mask spans (T = 10, length 10 unless given) -> the positions t scored at TTT steps 0, 1, 2, by hand
+# from REFERENCE s.4: t is scored at step k iff loss_mask[t+k] = 1 and t+k < length - 1.
+SPAN_CASES = {
+    "start": ([0, 1, 2, 3], 10, [[0, 1, 2, 3], [0, 1, 2], [0, 1]]),
+    "middle": ([4, 5, 6], 10, [[4, 5, 6], [3, 4, 5], [2, 3, 4]]),
+    "end": ([7, 8, 9], 10, [[7, 8], [6, 7], [5, 6]]),  # t+k = 9 is the last token: nothing left to predict
+    "two spans": ([1, 2, 6, 7], 10, [[1, 2, 6, 7], [0, 1, 5, 6], [0, 4, 5]]),
+    "padding": ([4, 5, 6], 7, [[4, 5], [3, 4], [2, 3]]),  # length 7: position 6 is the last real token
+}
+
+
+def span_batch(target):
+    ids = torch.randint(0, target.config.vocab_size, (len(SPAN_CASES), 10), generator=torch.Generator().manual_seed(5))
+    lm, lengths = torch.zeros(len(SPAN_CASES), 10, dtype=torch.long), []
+    for i, (span, n, _) in enumerate(SPAN_CASES.values()):
+        lm[i, span] = 1
+        lengths.append(n)
+        ids[i, n:] = 0
+    lengths = torch.tensor(lengths)
+    taps, last_hidden = target.features(ids)
+    valid = (torch.arange(10)[None] < lengths[:, None])[..., None]
+    return dict(input_ids=ids, loss_mask=lm, taps=taps * valid, last_hidden=last_hidden * valid,
+                sample_id=torch.arange(len(lengths)), lengths=lengths)
+
+
+def test_supervised_positions_by_hand(target):
+    """Eagle3's supervised (t, k) equal the hand-listed ones for spans at the start, middle and end, two spans
+    and right padding: an answer's first two tokens are never predicted, the two after its end are."""
+    from model_eagle3 import supervised
+    b = span_batch(target)
+    for k in range(3):
+        sup = supervised(b["loss_mask"], b["lengths"], k)
+        for i, (name, (_, _, want)) in enumerate(SPAN_CASES.items()):
+            assert sup[i].nonzero().flatten().tolist() == want[k], (name, k)
+
+
+def test_loss_by_hand_spans_and_normalization(target):
+    """On the span cases the loss equals the step-by-step reference (soft CE of x_{t+k+2} against
+    softmax(lm_head(last_hidden[t+k+1])), 0.8^k), and weight = B*T (every sequence weighs the same); the old rule
+    (loss_mask[t+k+2]) would score other positions and fail."""
+    model = make_model(target, seed=2, ttt_length=3)
+    b = span_batch(target)
+    loss, m = model(b, None)
+    ref_loss, ref_w, count, _, _ = reference_loss(model, b)
+    assert m["weight"].item() == ref_w == 5 * 10
+    assert count.tolist() == [sum(len(w[k]) for _, _, w in SPAN_CASES.values()) for k in range(3)]
+    torch.testing.assert_close(m["slot_count"], count)
+    assert loss.item() == pytest.approx(float(ref_loss), rel=1e-5)
 
 
 def test_overfit_one_batch(target):
@@ -155,10 +204,10 @@ def test_overfit_one_batch(target):
     b = make_batch(target, B=2, T=24, seed=2)
     W = model.lm_head.weight
     ent = 0.0  # weighted target entropy over the supervised slots, the floor of the soft CE
+    from model_eagle3 import shift, supervised
     for k in range(3):
-        sup = torch.zeros_like(b["loss_mask"], dtype=torch.bool)
-        sup[:, :-(k + 2)] = b["loss_mask"][:, k + 2:].bool()
-        pt = (b["last_hidden"][:, k + 1:][sup[:, :24 - k - 1]] @ W.T).softmax(-1)
+        sup = supervised(b["loss_mask"], b["lengths"], k)
+        pt = (shift(b["last_hidden"], k + 1)[sup] @ W.T).softmax(-1)
         ent += 0.8 ** k * -(pt * pt.clamp_min(1e-30).log()).sum()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     t0, kl = time.time(), []

@@ -50,20 +50,38 @@ def test_incremental_forward_matches_full():
 
 def masked_text(t, conv):
     ex = t.render(conv)
-    assert torch.equal(ex["label_mask"][:-1], ex["loss_mask"][1:]) and ex["label_mask"][-1] == 0
     return t.tokenizer.decode(ex["input_ids"][ex["loss_mask"].bool()]), ex
 
 
 @pytest.mark.parametrize("n_turns", [2, 4])
-def test_loss_mask_qwen3_template(n_turns):
-    """Qwen3-style template: only assistant content + <|im_end|>; the empty think block stays prompt."""
+def test_qwen3_training_rendering_is_deepspecs(n_turns):
+    """Qwen3 targets render training samples as DeepSpec does (REFERENCE.md s.7): the system prompt "You are a
+    helpful assistant." first, and each answer's empty think block, content and <|im_end|>\n in the loss mask."""
     t = load_target("tiny-qwen3")
     conv = CONV[:n_turns]
     text, ex = masked_text(t, conv)
-    expected = "".join(m["content"] + "<|im_end|>" for m in conv if m["role"] == "assistant")
-    assert text == expected
+    answer = lambda c: "<think>\n\n</think>\n\n" + c + "<|im_end|>\n"  # noqa: E731
+    assert text == "".join(answer(m["content"]) for m in conv if m["role"] == "assistant")
     full = t.tokenizer.decode(ex["input_ids"])
-    assert "<think>\n\n</think>\n\n" in full and "think" not in text
+    assert full == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + "".join(
+        f"<|im_start|>{m['role']}\n" + (answer(m["content"]) if m["role"] == "assistant" else m["content"] + "<|im_end|>\n")
+        for m in conv)
+    # a sample with its own system prompt keeps it instead
+    own = t.tokenizer.decode(t.render([{"role": "system", "content": "Be brief."}] + conv)["input_ids"])
+    assert own.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user") and "helpful" not in own
+    # the prompt side of the training text is what generation saw, minus the system prompt (evaluation rendering)
+    prompt = t.tokenizer.decode(t.render_prompt(conv[:1]))
+    assert full.replace("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", "").startswith(prompt)
+
+
+def test_gemma4_training_pieces():
+    """Gemma-4's training text (GEMMA4.md s.6): <bos>, no system prompt, the empty thought channel after each model
+    header outside the mask, the content through <turn|>\n inside it."""
+    from target import training_pieces
+    pieces = training_pieces(CONV[:2], "gemma4")
+    assert "".join(p for p, _ in pieces) == ("<bos><|turn>user\nHi there<turn|>\n<|turn>model\n<|channel>thought\n"
+                                             "<channel|>Hello! How can I help?<turn|>\n")
+    assert [p for p, masked in pieces if masked] == ["Hello! How can I help?<turn|>\n"]
 
 
 def test_prompt_rendering_ends_with_generation_prompt():

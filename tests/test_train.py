@@ -1,5 +1,5 @@
-"""train.py: DDP == one process, exact resume (also on another process count), online == offline,
-and every config builds its drafter at the real geometry on the meta device."""
+"""train.py: DeepSpec's loss normalization, DDP == one process, exact resume (also on another process count),
+online == offline, and every config builds its drafter at the real geometry on the meta device."""
 import glob
 import os
 import subprocess
@@ -32,7 +32,7 @@ def cache(tmp_path_factory):
 
 def train(cache, out, steps, nproc=1, **kw):
     args = ["train.py", TINY, f"--cache_dir={cache}", f"--out_dir={out}", f"--max_steps={steps}",
-            "--cache_dtype=bf16", "--save_interval=2", "--learning_rate=1e-2"] + [f"--{k}={v}" for k, v in kw.items()]
+            "--save_interval=2", "--learning_rate=1e-2"] + [f"--{k}={v}" for k, v in kw.items()]
     log = run(args, nproc)
     return load_file(os.path.join(out, "step_latest", "model.safetensors")), log
 
@@ -44,45 +44,111 @@ def assert_same(a, b, atol=0.0):
 
 
 def test_ddp_two_ranks_equals_one(cache, tmp_path):
-    """torchrun with 2 gloo ranks makes the same updates as one process at the same global batch."""
-    one, _ = train(cache, tmp_path / "one", 3)
-    two, _ = train(cache, tmp_path / "two", 3, nproc=2)
+    """torchrun with 2 gloo ranks x 2 sequences per micro-step makes the same updates as one process with 4:
+    the same samples share each micro-step's normalizer (the tiny config: global batch 4)."""
+    one, _ = train(cache, tmp_path / "one", 3, micro_batch_size=4)
+    two, _ = train(cache, tmp_path / "two", 3, nproc=2, micro_batch_size=2)
     assert_same(one, two, atol=1e-5)
 
 
 def test_resume_is_exact_and_survives_a_new_process_count(cache, tmp_path):
-    """Stop at step 2 and resume to 4 (same or different process count) == 4 uninterrupted steps."""
+    """Stop at step 2 and resume to 4 (same or different process count, same sequences per micro-step over
+    all ranks) == 4 uninterrupted steps."""
     full, _ = train(cache, tmp_path / "full", 4)
     train(cache, tmp_path / "cut", 2)
     resumed, log = train(cache, tmp_path / "cut", 4)
     assert "resumed from" in log
     assert_same(full, resumed)
     train(cache, tmp_path / "cut2", 2)
-    resumed2, _ = train(cache, tmp_path / "cut2", 4, nproc=2)
+    resumed2, _ = train(cache, tmp_path / "cut2", 4, nproc=2, micro_batch_size=1)
     assert_same(full, resumed2, atol=1e-5)
 
 
-def test_online_equals_offline(cache, tmp_path):
-    """The online target (rounded to cache_dtype) gives the same batches, hence the same parameters."""
-    off, _ = train(cache, tmp_path / "off", 2, data_mode="offline")
-    on, _ = train(cache, tmp_path / "on", 2, data_mode="online")
+@pytest.mark.parametrize("drafter", ["dspark", "eagle3"])
+def test_normalization_is_deepspecs(cache, tmp_path, drafter):
+    """The objective and gradient norm train.py logs at step 2 equal a by-hand computation from the step-1
+    checkpoint (REFERENCE s.4): DSpark divides each micro-step by its own supervised weight, Eagle3 by B*T of its
+    micro-batch, and micro-steps are averaged. The micro-steps (one sequence each) differ in supervised weight,
+    so the old rule (one global supervised weight for the whole step) gives another number and would fail."""
+    import json
+    from build_cache import CacheReader
+    from evaluate import load_drafter
+    from target import load_target
+    out = tmp_path / drafter
+    train(cache, out, 2, drafter=drafter, save_interval=1, log_interval=1, keep_last=5, num_anchors=64,
+          micro_batch_size=1)
+    row = [json.loads(line) for line in open(out / "metrics.jsonl")][1]
+    assert row["step"] == 2
+    model = load_drafter(str(out / "step_1"), load_target("tiny-qwen3")).train()
+    reader = CacheReader(cache)
+    N, seed, G, step = len(reader), 0, 4, 1  # tiny config: global batch 4 (here 4 micro-steps); 0-based step 1
+    perm = lambda e: torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1_000_003 + e)).tolist()  # noqa
+    objective, loss_sums, sup_weights = 0.0, [], []
+    for g in range(step * G, (step + 1) * G):
+        r = reader[perm(g // N)[g % N]]
+        batch = {k: r[k][None] for k in ("input_ids", "loss_mask", "taps", "last_hidden")}
+        batch["lengths"] = torch.tensor([len(r["input_ids"])])
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + r["sample_id"]) * 1_000_003 + step)
+        loss_sum, m = model(batch, [gen])
+        den = m["weight"] + 1e-6 if drafter == "dspark" else m["weight"]  # DSpark: DeepSpec's epsilon
+        objective = objective + loss_sum / den / G
+        loss_sums.append(loss_sum.item())
+        sup_weights.append(m["weight"].item() if drafter == "dspark" else
+                           sum(0.8 ** k * float(c) for k, c in enumerate(m["slot_count"])))
+    objective.backward()
+    grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    assert row["loss"] == pytest.approx(objective.item(), rel=2e-5)
+    assert row["grad_norm"] == pytest.approx(grad_norm.item(), rel=1e-3)  # 4 accumulated backward passes vs 1
+    assert max(sup_weights) > 1.05 * min(sup_weights)  # unequal micro-steps: the rules differ here
+    old = sum(loss_sums) / sum(sup_weights)  # the old rule: one global supervised weight (4e-4 away for DSpark here)
+    assert abs(old - row["loss"]) > 1e-4 * row["loss"]
+
+
+@pytest.fixture(scope="module")
+def bf16_cache(tmp_path_factory):
+    """A bf16 cache of a bf16 target: online mode (no rounding) then computes the very same features."""
+    d = str(tmp_path_factory.mktemp("cache16"))
+    run(["build_cache.py", TINY, f"--cache_dir={d}", "--num_prompts=16", "--dtype=bfloat16"])
+    return d
+
+
+def test_online_equals_offline(bf16_cache, tmp_path):
+    """With a bf16 target, online training (the target's own features) and a bf16 cache give the same batches,
+    hence the same parameters."""
+    off, _ = train(bf16_cache, tmp_path / "off", 2, data_mode="offline", dtype="bfloat16")
+    on, _ = train(bf16_cache, tmp_path / "on", 2, data_mode="online", dtype="bfloat16")
     assert_same(off, on)
 
 
-def test_online_record_equals_cached_record(cache):
-    """make_record (online) and CacheReader (offline) yield identical tensors for the same sample."""
+def test_online_record_equals_cached_record(bf16_cache):
+    """make_record (online) and CacheReader (offline) yield identical tensors for the same sample (bf16 target)."""
     from build_cache import CacheReader, make_record, read_answers
     from target import load_target
-    t = load_target("tiny-qwen3")
-    reader = CacheReader(cache)
-    answers = {a["sample_id"]: a for a in read_answers(os.path.join(cache, "answers.jsonl"))}
+    t = load_target("tiny-qwen3", dtype="bfloat16")
+    reader = CacheReader(bf16_cache)
+    answers = {a["sample_id"]: a for a in read_answers(os.path.join(bf16_cache, "answers.jsonl"))}
     for i in range(min(4, len(reader))):
         rec = reader[i]
         a = answers[rec["sample_id"]]
-        online = make_record(t, a["messages"], rec["sample_id"], max_len=128, cache_dtype="bf16",
+        online = make_record(t, a["messages"], rec["sample_id"], max_len=128,
                              truncated=a.get("finish_reason") == "length")  # a cut answer's end is not supervised
         for k in ("input_ids", "loss_mask", "taps", "last_hidden"):
             assert torch.equal(rec[k], online[k]), k
+
+
+def test_online_features_are_not_rounded():
+    """Online mode trains on the target's own features: an fp32 target's taps and last hidden states reach the
+    record unchanged (the old path rounded them to fp8, 0.033 total variation on SmolLM2's distributions)."""
+    from build_cache import make_record, render_sample
+    from target import load_target
+    t = load_target("tiny-qwen3")
+    msgs = [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "2 + 3 = 5, so 5."}]
+    rec = make_record(t, msgs, 0)
+    ids, _, hidden_mask = render_sample(t, msgs)
+    taps, last = t.features(ids[None])
+    assert torch.equal(rec["taps"], taps[0]) and rec["taps"].dtype == torch.float32
+    assert torch.equal(rec["last_hidden"][hidden_mask.bool()], last[0][hidden_mask.bool()])
+    assert not torch.equal(taps[0].bfloat16().float(), taps[0])  # bf16 rounding would have been visible
 
 
 def test_metrics_log_and_checkpoint_layout(cache, tmp_path):
