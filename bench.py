@@ -51,6 +51,7 @@ import torch
 import evaluate
 import kernels
 from configurator import configure, script_defaults
+from prompts import load_task
 from target import DTYPES, Target, load_target, tiny_tokenizer
 
 GEOMETRY = {  # N rows (tokens), hidden H, vocab V, Markov rank r
@@ -480,7 +481,7 @@ def bench_decode(args):
     if hasattr(drafter, "block_size") and max(sizes) > K:
         sys.exit(f"bench.py decode: --block_sizes {max(sizes)} exceeds the drafter's block size {K}")
     prompts = {t: [target.render_prompt(evaluate.messages_of(turns[0])) for turns in
-                   evaluate.load_task(t, args.data_dir, args.prompts)] for t in args.tasks}
+                   load_task(t, args.data_dir, args.prompts)] for t in args.tasks}
     M, first = args.max_new_tokens, next(iter(prompts.values()))[0]
     evaluate.plain_generate(target, first, 4)  # warm-up: lazy inits of all three paths
     lookup_generate(target, first, 4)

@@ -3,24 +3,30 @@
     python evaluate.py --task=gsm8k --num_prompts=5 --target=smollm2 --draft=out/demo/dspark/step_latest
     python evaluate.py --prompt "Write a haiku about the sea"            # one prompt, its continuation and stats
     python evaluate.py --task=all --check_greedy --out=out/report.json    # all tasks; fp32 greedy must match
-    python evaluate.py --task=all --device=cuda --dtype=bfloat16 --temperature=1.0 --max_new_tokens=2048 \\
+    python evaluate.py --task=all --dtype=bfloat16 --temperature=1.0 --max_new_tokens=2048 \\
         --turns=1 --target=Qwen/Qwen3-4B --draft=deepseek-ai/dspark_qwen3_4b_block7 --out=out/q4b.json  # DeepSpec's
     torchrun --nproc_per_node=8 evaluate.py --task=all --device=cuda --out=out/report.json   # prompts split
     python evaluate.py --task=gsm8k --num_prompts=5 --tree_budget=16      # draft trees of 16 nodes instead of chains
 
 Per round (batch 1): the drafter proposes a chain of k tokens after the anchor (the last committed
-token), the target scores [anchor, d1..dk] in ONE forward on its KV cache, the longest acceptable
-prefix is kept plus one bonus token from the target, the target cache is cropped to the accepted
-length and the drafter is told the accepted tokens' target features. Greedy (temperature 0) accepts
-drafts equal to the target argmax; temperature > 0 uses speculative sampling (accept_prob, residual
-below), so the output distribution is exactly the target's (warped by temperature/top-k/top-p).
-Metrics (report JSON at --out, table on stdout): tau = committed tokens per round including the bonus
-(DeepSpec's accept_len), per-slot conditional acceptance P(slot i accepted | slots < i accepted) and
+token; Eagle3 stops after a drafted end-of-turn token, as DeepSpec), the target scores [anchor, d1..dk] in
+ONE forward on its KV cache, the longest acceptable prefix is kept plus one bonus token from the target, the
+target cache is cropped to the accepted length and the drafter is told the accepted tokens' target features.
+Greedy (temperature 0) accepts drafts equal to the target argmax; temperature > 0 uses speculative sampling
+(accept_prob, residual below), so the output distribution is exactly the target's (warped by temperature/top-k/
+top-p).
+Metrics (report JSON at --out, table on stdout): tau = committed tokens per round including the bonus, the
+last round cut at max_new_tokens; accept_length_deepspec = the same with the last round of each turn uncapped
+(DeepSpec's accept_len, the paper's tau); overall also has tau_macro (the unweighted mean of the task taus, the
+paper's "mean" column); per-slot conditional acceptance P(slot i accepted | slots < i accepted) and
 cumulative survival P(slots 0..i all accepted) (what DeepSpec prints as accept_rate@i), tokens/s of
-speculative and of plain target decoding on the same prompts, their ratio (speedup), draft/verify time.
+speculative and of plain target decoding on the same prompts (after one short untimed warm-up generation),
+their ratio (speedup), draft/verify time.
 With tree_budget = N > 0 the drafter grows a tree of N nodes best-first (EAGLE-2), the target verifies it in one
 forward (tree attention: each node sees the cache and its ancestors) and acceptance walks the tree
-(sample-and-descend, below); per-slot rates then count depths and the proposal length is the tree's depth.
+(sample-and-descend, below); the per-slot rates are then per depth of the accepted path (conditional: P(it
+reaches depth i+1 | it reached depth i); cumulative: P(it reaches depth i+1 | the tree is that deep)) and the
+proposal length is the tree's depth.
 """
 import heapq
 import itertools
@@ -35,6 +41,7 @@ import torch
 
 from configurator import configure
 from kernels import logits_to_probs
+from prompts import MissingTask, load_task  # the nine eval tasks (REFERENCE.md s.8)
 from target import load_target
 
 # defaults (override with a configs/*.py file or --key=value)
@@ -54,100 +61,12 @@ save_outputs = False      # add prompt_ids and generated ids to the report
 check_greedy = False      # also decode plainly and stop at the first mismatch (fp32; other dtypes: a match rate)
 turns = 0                 # 0 = every turn (mt-bench has 2: turn 2 sees answer 1); 1 = DeepSpec's first turn only
 prompt = ""               # single prompt mode: print its continuation and stats
-device = "cpu"            # "" = cuda if available, else cpu (as train.py)
+device = ""               # "" = cuda if available, else cpu (as train.py); the report records the choice
 dtype = "float32"
 seed = 0
 baseline = True           # also time plain target decoding on the same prompts (speedup)
 if __name__ == "__main__":  # not on import: train.py imports measure_tau
     config = configure(globals())
-
-# -----------------------------------------------------------------------------
-# tasks: DeepSpec's prompt counts and hub sources (REFERENCE.md s.8); files hold {"turns": [...]} rows
-
-_BOXED = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-_LCB = ("You are an expert Python programmer. You will be given a question (problem specification) and will "
-        "generate a correct Python program that matches the specification and passes all tests. You will NOT "
-        "return anything except for the program\n\n### Question:\n")
-
-
-def _lcb_turn(r):
-    fmt = "Use the following code structure:" if r["starter_code"] else "Write your code in the following format:"
-    return (_LCB + r["question_content"] + "\n\n### Format: " + fmt + "\n```python\n" +
-            (r["starter_code"] or "# YOUR CODE HERE") + "\n```\n\n### Answer: (use the provided format with backticks)")
-
-
-def _hub_jsonl(repo, files):  # rows of jsonl files in a hub dataset repo
-    from huggingface_hub import hf_hub_download
-    return [json.loads(line) for f in files
-            for line in open(hf_hub_download(repo, f, repo_type="dataset"), encoding="utf-8") if line.strip()]
-
-
-def _hf(*args, split):
-    from datasets import load_dataset
-    return load_dataset(*args, split=split)
-
-
-# name -> (DeepSpec's prompt count, hub fetch returning a list of turn lists); fetch untested here (no network)
-TASKS = {
-    "gsm8k": (500, lambda: [[r["question"] + _BOXED] for r in _hf("openai/gsm8k", "main", split="test")]),
-    "math500": (500, lambda: [[r["problem"] + _BOXED] for r in _hf("HuggingFaceH4/MATH-500", split="test")]),
-    "aime25": (30, lambda: [[r["problem"] + _BOXED] for r in _hf("MathArena/aime_2025", split="train")]),
-    "humaneval": (164, lambda: [["Write a solution to the following problem and make sure that it passes the "
-                                 "tests:\n```python\n" + r["prompt"] + "\n```"]
-                                for r in _hf("openai/openai_humaneval", split="test")]),
-    "mbpp": (256, lambda: [[r["prompt"]] for r in _hf("google-research-datasets/mbpp", "sanitized", split="test")]),
-    "livecodebench": (500, lambda: [[_lcb_turn(r)] for r in _hub_jsonl(
-        "livecodebench/code_generation_lite", ["test.jsonl"] + [f"test{i}.jsonl" for i in range(2, 7)])]),
-    "mt-bench": (80, lambda: [list(r["prompt"]) for r in _hf("HuggingFaceH4/mt_bench_prompts", split="train")]),
-    "alpaca": (500, lambda: [[r["instruction"] + (f"\n\nInput:\n{r['input']}" if r["input"] else "")]
-                             for r in _hf("tatsu-lab/alpaca", split="train")]),
-    "arena-hard-v2": (500, lambda: [[r["prompt"]] for r in _hub_jsonl(
-        "lmarena-ai/arena-hard-auto", ["data/arena-hard-v2.0/question.jsonl"])]),
-}
-
-
-class MissingTask(Exception):
-    pass
-
-
-def task_dirs(data_dir=""):
-    return [d for d in (data_dir, os.environ.get("NANOSPEC_DATA_DIR", ""),
-                        os.path.join(os.path.expanduser("~"), ".cache", "nanospec", "eval")) if d]
-
-
-def load_task(name, data_dir="", num_prompts=0, turns=0, heldout=False):
-    """-> list of turn lists (strings), DeepSpec's selection: when the file has more rows than the task's
-    count, shuffle with random.Random(980406) and take the first rows; then the first num_prompts.
-    heldout=True: the rows that selection never uses instead (in-domain training prompts, e.g. gsm8k's 819)."""
-    path = next((p for p in (os.path.join(d, f"{name}.jsonl") for d in task_dirs(data_dir)) if os.path.exists(p)), None)
-    if path is None:
-        if name not in TASKS:
-            raise MissingTask(f"task '{name}': no {name}.jsonl in {task_dirs(data_dir)}; "
-                              f"known tasks: {', '.join(TASKS)}")
-        path = os.path.join(task_dirs()[-1], f"{name}.jsonl")
-        try:  # fetch once from the hub and cache in the documented format (untested here: no network)
-            rows = TASKS[name][1]()
-        except Exception as e:
-            raise MissingTask(f"task '{name}': no {name}.jsonl in {task_dirs(data_dir)} and the hub fetch failed "
-                              f"({type(e).__name__}); put the file in --data_dir") from None
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"turns": t}, ensure_ascii=False) + "\n" for t in rows)
-        os.replace(path + ".tmp", path)
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if line.strip():
-                t = json.loads(line).get("turns")
-                if not (isinstance(t, list) and t and all(isinstance(s, str) for s in t)):
-                    raise SystemExit(f"{path}:{i + 1}: each row must be {{\"turns\": [non-empty list of strings]}}")
-                rows.append(t)
-    count = TASKS[name][0] if name in TASKS else len(rows)
-    if len(rows) > count:  # DeepSpec's rule (its --seed default)
-        random.Random(980406).shuffle(rows)
-    rows = (rows[count:] if heldout else rows[:count])[:num_prompts or None]
-    return [r[:turns] if turns else r for r in rows]
-
 
 # -----------------------------------------------------------------------------
 # the drafter
@@ -358,8 +277,10 @@ def _clock(dev):
 def speculative_generate(target, drafter, prompt_ids, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
                          block_size=0, generator=None, tree_budget=0):
     """prompt_ids [T] -> dict(ids: new tokens (ending at EOS or the budget, exactly as plain decoding),
-    rounds: [(proposed, accepted, committed)] per target verify, draft_s, verify_s, total_s).
-    tree_budget > 0: verify best-first draft trees of that many nodes (depth <= block_size) instead of chains."""
+    rounds: [(proposed, accepted, committed)] per target verify, cut: tokens the last round accepted past
+    max_new_tokens (committed stops at the budget; DeepSpec's accept length counts them), conf: per chain round the
+    drafter's confidences or None, draft_s, verify_s, total_s). tree_budget > 0: verify best-first draft trees of that many nodes (depth <= block_size) instead
+    of chains. Eagle3 ends its chain at a drafted end-of-turn token (stop_ids; DFlash/DSpark draft the block whole)."""
     K, eos, dev = block_size or drafter_block_size(drafter), target.eos_token_ids, target.device
     warp = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     t0 = _clock(dev)
@@ -367,7 +288,7 @@ def speculative_generate(target, drafter, prompt_ids, max_new_tokens=256, temper
     token = sample_token(logits[0, -1], generator=generator, **warp)                   # first token: the target's
     t1 = _clock(dev)
     state = drafter.start(prompt_ids.to(dev), taps[0])
-    draft_s, verify_s, out, rounds = _clock(dev) - t1, t1 - t0, [token], []
+    draft_s, verify_s, out, rounds, cut, conf = _clock(dev) - t1, t1 - t0, [token], [], 0, []
     while out[-1] not in eos and len(out) < max_new_tokens:
         ta = _clock(dev)
         if tree_budget:
@@ -375,7 +296,8 @@ def speculative_generate(target, drafter, prompt_ids, max_new_tokens=256, temper
             ids, anc = torch.tensor([tokens], device=dev), ancestors(parents)      # [1, N+1]: anchor, nodes
             depth = int(anc.sum(1).max()) - 1
         else:
-            drafts, q, _ = drafter.propose(state, token, K, generator=generator, **warp)  # [k], [k, V]
+            drafts, q, c = drafter.propose(state, token, K, generator=generator, stop_ids=eos, **warp)  # [k], [k, V]
+            conf.append(c)  # DSpark: the confidence head's c_i [k] (scheduler.py calibrates them); else None
             ids = torch.cat([torch.tensor([token], device=dev), drafts.to(dev)])[None]   # [1, k+1]: anchor, drafts
             anc, depth = None, len(drafts)
         tb = _clock(dev)
@@ -395,6 +317,7 @@ def speculative_generate(target, drafter, prompt_ids, max_new_tokens=256, temper
         proposed, accepted = depth, n
         if hit is not None and hit < n:  # EOS was an accepted draft: the slots after it do not count (as DeepSpec)
             proposed = accepted = hit + 1
+        cut += max(0, len(emit) - (max_new_tokens - len(out)))  # only the last round can pass the budget
         emit = emit[:max_new_tokens - len(out)]
         out += emit
         rounds.append((proposed, accepted, len(emit)))
@@ -403,7 +326,8 @@ def speculative_generate(target, drafter, prompt_ids, max_new_tokens=256, temper
             drafter.commit(state, ids[0, path], taps[0, path])  # the anchor and accepted drafts now have features
         td = _clock(dev)
         draft_s, verify_s = draft_s + (tb - ta) + (td - tc), verify_s + (tc - tb)
-    return dict(ids=out, rounds=rounds, draft_s=draft_s, verify_s=verify_s, total_s=_clock(dev) - t0)
+    return dict(ids=out, rounds=rounds, cut=cut, conf=conf, draft_s=draft_s, verify_s=verify_s,
+                total_s=_clock(dev) - t0)
 
 
 @torch.no_grad()
@@ -424,10 +348,14 @@ def plain_generate(target, prompt_ids, max_new_tokens=256, temperature=0.0, top_
 # -----------------------------------------------------------------------------
 # metrics: additive counters (pooled over rounds, prompts, tasks and ranks), then rates
 
-def tally(rounds, K):
-    """[(proposed, accepted, committed)] -> counters. Slot i (0-based) is 'proposed' in a round with more than i
-    drafts, 'reached' when also all slots before it were accepted, 'accepted' when it was kept."""
-    c = {"rounds": len(rounds), "committed": sum(r[2] for r in rounds), "proposed": sum(r[0] for r in rounds),
+def tally(rounds, K, cut=0):
+    """[(proposed, accepted, committed)] of one generation -> counters. Slot i (0-based) is 'proposed' in a round
+    with more than i drafts, 'reached' when also all slots before it were accepted, 'accepted' when it was kept
+    (in a tree: slot i = depth i + 1 of the accepted path). cut = tokens the last round accepted past
+    max_new_tokens (speculative_generate's 'cut'): counted in committed_uncapped, DeepSpec's accept length."""
+    committed = sum(r[2] for r in rounds)
+    c = {"rounds": len(rounds), "committed": committed, "committed_uncapped": committed + cut,
+         "proposed": sum(r[0] for r in rounds),
          "slot_proposed": [0] * K, "slot_reached": [0] * K, "slot_accepted": [0] * K}
     for k, n, _ in rounds:
         for i in range(min(k, K)):
@@ -454,12 +382,15 @@ def merge(counters):
 def rates(c):
     """Counters -> the reported metrics (units in the names: seconds, tokens per second)."""
     div = lambda a, b: a / b if b else None
-    r = {"tau": div(c.get("committed", 0), c.get("rounds", 0)),       # DeepSpec's accept_len
+    r = {"tau": div(c.get("committed", 0), c.get("rounds", 0)),       # the last round capped at max_new_tokens
+         # DeepSpec's accept_len: the last round of a turn uncapped (all its accepted tokens + the bonus)
+         "accept_length_deepspec": div(c.get("committed_uncapped", 0), c.get("rounds", 0)),
          "rounds": c.get("rounds", 0), "new_tokens": c.get("new_tokens", 0),
          "mean_proposal_len": div(c.get("proposed", 0), c.get("rounds", 0)),
-         # the paper's Fig. 2: P(slot i kept | slots < i kept)
+         # the paper's Fig. 2: P(slot i kept | slots < i kept); trees: P(path reaches depth i+1 | reached depth i)
          "accept_rate_conditional": [div(a, n) for a, n in zip(c.get("slot_accepted", []), c.get("slot_reached", []))],
-         # survival P(slots 0..i all kept), DeepSpec's printed accept_rate@i
+         # survival P(slots 0..i all kept), DeepSpec's printed accept_rate@i; trees: P(path reaches depth i+1 |
+         # the tree is that deep)
          "accept_rate_cumulative": [div(a, n) for a, n in zip(c.get("slot_accepted", []), c.get("slot_proposed", []))],
          "tokens_per_s": div(c.get("new_tokens", 0), c.get("spec_s", 0)),
          "baseline_tokens_per_s": div(c.get("base_tokens", 0), c.get("base_s", 0)),
@@ -500,7 +431,7 @@ def run_prompt(target, drafter, turn_texts, cfg, K, gen_seed, where="prompt"):
         g = torch.Generator(dev).manual_seed(gen_seed + t)
         res = speculative_generate(target, drafter, ids, cfg["max_new_tokens"], block_size=K, generator=g,
                                    tree_budget=cfg.get("tree_budget", 0), **warp)
-        rec = dict(tally(res["rounds"], K), new_tokens=len(res["ids"]), spec_s=res["total_s"],
+        rec = dict(tally(res["rounds"], K, res["cut"]), new_tokens=len(res["ids"]), spec_s=res["total_s"],
                    draft_s=res["draft_s"], verify_s=res["verify_s"], turns=1)
         plain = None
         if cfg["baseline"]:
@@ -535,33 +466,68 @@ def measure_tau(target, drafter, prompts, max_new_tokens=128, temperature=0.0, b
         g = torch.Generator(target.device).manual_seed(seed + i)
         res = speculative_generate(target, drafter, ids, max_new_tokens, temperature, block_size=K, generator=g,
                                    tree_budget=tree_budget)
-        recs.append(dict(tally(res["rounds"], K), new_tokens=len(res["ids"]), spec_s=res["total_s"],
+        recs.append(dict(tally(res["rounds"], K, res["cut"]), new_tokens=len(res["ids"]), spec_s=res["total_s"],
                          draft_s=res["draft_s"], verify_s=res["verify_s"], prompts=1, turns=1))
     return rates(merge(recs))
 
 
-def format_table(tasks, overall):
-    """Tasks' rate dicts -> the stdout table."""
+def macro(tasks, key="tau"):
+    """Unweighted mean over tasks of a per-task rate (the paper's "mean" column); None when no task has it."""
+    vals = [r[key] for r in tasks.values() if r.get(key) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def overall_rates(tasks, recs):
+    """Per-task rate dicts and all prompt records -> the overall rates: pooled over rounds (long tasks weigh more),
+    plus tau_macro and accept_length_deepspec_macro, the unweighted means of the task rows (the paper's "mean")."""
+    r = rates(merge(recs))
+    r.update(tau_macro=macro(tasks), accept_length_deepspec_macro=macro(tasks, "accept_length_deepspec"))
+    return r
+
+
+def format_table(tasks, overall, tree=False):
+    """Tasks' rate dicts -> the stdout table. tree=True: the per-slot rates are per depth of the accepted path."""
     f = lambda x, spec="{:.2f}": "-" if x is None else spec.format(x)
-    head = f"{'task':<15}{'prompts':>8}{'new_tok':>9}{'rounds':>8}{'tau':>7}{'prop':>6}{'tok/s':>9}{'base':>9}" \
-           f"{'speedup':>9}{'draft%':>8}  accept_rate_conditional (cumulative = DeepSpec accept_rate@i)"
+    rates_label = ("per depth: P(path reaches depth i+1 | reached depth i) (cumulative: P(reaches depth i+1 | "
+                   "tree that deep))" if tree else "accept_rate_conditional (cumulative = DeepSpec accept_rate@i)")
+    head = f"{'task':<15}{'prompts':>8}{'new_tok':>9}{'rounds':>8}{'tau':>7}{'tau_ds':>7}" \
+           f"{'depth' if tree else 'prop':>6}{'tok/s':>9}{'base':>9}{'speedup':>9}{'draft%':>8}  {rates_label}"
     lines = [head, "-" * len(head)]
     for name, r in list(tasks.items()) + [("overall", overall)]:
         busy = r["draft_s"] + r["verify_s"]
         lines.append(f"{name:<15}{r['prompts']:>8}{r['new_tokens']:>9}{r['rounds']:>8}{f(r['tau']):>7}"
+                     f"{f(r.get('accept_length_deepspec')):>7}"
                      f"{f(r['mean_proposal_len'], '{:.1f}'):>6}{f(r['tokens_per_s'], '{:.1f}'):>9}"
                      f"{f(r['baseline_tokens_per_s'], '{:.1f}'):>9}{f(r['speedup'], '{:.2f}x'):>9}"
                      f"{f(100 * r['draft_s'] / busy if busy else None, '{:.0f}'):>8}  "
                      + " ".join(f(a, "{:.2f}") for a in r["accept_rate_conditional"])
                      + "  (" + " ".join(f(a, "{:.2f}") for a in r["accept_rate_cumulative"]) + ")")
+    if len(tasks) > 1:  # overall pools rounds (long tasks weigh more); the paper averages the tasks
+        lines.append(f"{'mean of tasks':<15}{'':>25}{f(overall.get('tau_macro')):>7}"
+                     f"{f(overall.get('accept_length_deepspec_macro')):>7}")
+    lines.append("tau: tokens committed per round (bonus included, the last round cut at max_new_tokens); tau_ds: "
+                 "DeepSpec's accept length (the last round uncapped)"
+                 + ("; mean of tasks: the unweighted mean of the task rows (the paper's mean column)"
+                    if len(tasks) > 1 else ""))
     return "\n".join(lines)
+
+
+def warmup(target, drafter, ids, cfg, K, tokens=8):
+    """One short untimed generation on the timed paths (speculative, and plain when it is timed) so that the first
+    timed prompt pays no one-time costs (lazy init, kernel selection, allocator growth, first forwards)."""
+    warp = {k: cfg[k] for k in ("temperature", "top_k", "top_p")}
+    g = torch.Generator(target.device).manual_seed(0)  # its own generator: the timed prompts' draws are unchanged
+    speculative_generate(target, drafter, ids, tokens, block_size=K, generator=g,
+                         tree_budget=cfg.get("tree_budget", 0), **warp)
+    if cfg["baseline"]:
+        plain_generate(target, ids, tokens, generator=g, **warp)
 
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     from tqdm import tqdm
     import torch.distributed as dist
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = config["device"] = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     if ddp:  # torchrun: prompts split across ranks, one report merged on rank 0
@@ -588,13 +554,15 @@ if __name__ == "__main__":
 
     # --- single prompt mode -----------------------------------------------------
     if prompt:
+        warmup(tgt, drafter, tgt.render_prompt(messages_of(prompt)), config, K)
         rec = run_prompt(tgt, drafter, [prompt], config, K, seed)
         print(tgt.tokenizer.decode(rec["outputs"][0]))
         r = rates(rec)
-        print(f"tau {r['tau']:.2f} over {r['rounds']} rounds, {r['new_tokens']} tokens at {r['tokens_per_s']:.1f} tok/s"
+        print(f"tau {r['tau']:.2f} (DeepSpec accept length {r['accept_length_deepspec']:.2f}) over {r['rounds']} "
+              f"rounds, {r['new_tokens']} tokens at {r['tokens_per_s']:.1f} tok/s"
               + (f" (plain {r['baseline_tokens_per_s']:.1f} tok/s, speedup {r['speedup']:.2f}x)" if baseline else "")
-              + "; conditional acceptance " + " ".join(f"{a:.2f}" if a is not None else "-"
-                                                       for a in r["accept_rate_conditional"]))
+              + ("; conditional acceptance per tree depth " if tree_budget else "; conditional acceptance ")
+              + " ".join(f"{a:.2f}" if a is not None else "-" for a in r["accept_rate_conditional"]))
         sys.exit(0)
 
     # --- prompts ----------------------------------------------------------------
@@ -620,7 +588,7 @@ if __name__ == "__main__":
             except ValueError:
                 pass  # a line cut by a crash: that prompt is decoded again
         if lines and lines[0].get("config") == keyed:
-            done = {(r["task"], r["index"]): r for r in lines[1:]}
+            done = {(r["task"], r["index"]): r for r in lines[1:] if "committed_uncapped" in r}  # older: decode again
         elif rank == 0:
             print(f"evaluate: {partial} holds results of another config; starting over")
     if partial and not done and rank == 0:
@@ -639,6 +607,9 @@ if __name__ == "__main__":
     # --- decode -----------------------------------------------------------------
     fd = os.open(partial, os.O_WRONLY | os.O_APPEND) if partial else None
     mine = []
+    if todo[rank::world]:  # untimed: one-time costs must not land on the first timed prompt
+        name, i = todo[rank::world][0]
+        warmup(tgt, drafter, tgt.render_prompt(messages_of(prompts[name][i][0])), config, K)
     for name, i in tqdm(todo[rank::world], desc="prompts", disable=rank != 0, dynamic_ncols=True):
         gen_seed = seed * 1_000_003 + zlib.crc32(f"{name}/{i}".encode()) * 16  # per prompt: same on any world size
         rec = run_prompt(tgt, drafter, prompts[name][i], config, K, gen_seed, where=f"{name}[{i}]")
@@ -669,8 +640,9 @@ if __name__ == "__main__":
                                          outputs=[r["outputs"][0] for r in task_recs])
             if any(len(r["outputs"]) > 1 for r in task_recs):
                 report["tasks"][name]["turn_outputs"] = [r["outputs"] for r in task_recs]
-    report["overall"] = rates(merge(recs[(n, i)] for n, rows in prompts.items() for i in range(len(rows))))
-    print(format_table(report["tasks"], report["overall"]))
+    report["overall"] = overall_rates(report["tasks"], [recs[(n, i)] for n, rows in prompts.items()
+                                                        for i in range(len(rows))])
+    print(format_table(report["tasks"], report["overall"], tree=bool(tree_budget)))
     if out:
         with open(out + ".tmp", "w") as f:
             json.dump(report, f)

@@ -1,4 +1,7 @@
-"""Prompt sources for build_cache.py: chat rows from files or the hub, and offline generators.
+"""Prompt sources: the nine evaluation tasks (evaluate.py) and build_cache.py's training prompts (chat rows from
+files or the hub, and offline generators).
+
+    load_task("gsm8k", num_prompts=8)            # DeepSpec's selection of an eval task, as lists of turns
 
     load_prompts("builtin", 1024)                # templated chat prompts (math, code, writing...), no eval prompt
     load_prompts("stdlib-code")                  # HumanEval-format prompts from Python's standard library
@@ -9,6 +12,95 @@
 import json
 import os
 import random
+
+# --- eval tasks: DeepSpec's prompt counts and hub sources (REFERENCE.md s.8); files hold {"turns": [...]} rows --
+
+_BOXED = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+_LCB = ("You are an expert Python programmer. You will be given a question (problem specification) and will "
+        "generate a correct Python program that matches the specification and passes all tests. You will NOT "
+        "return anything except for the program\n\n### Question:\n")
+
+
+def _lcb_turn(r):
+    fmt = "Use the following code structure:" if r["starter_code"] else "Write your code in the following format:"
+    return (_LCB + r["question_content"] + "\n\n### Format: " + fmt + "\n```python\n" +
+            (r["starter_code"] or "# YOUR CODE HERE") + "\n```\n\n### Answer: (use the provided format with backticks)")
+
+
+def _hub_jsonl(repo, files):  # rows of jsonl files in a hub dataset repo
+    from huggingface_hub import hf_hub_download
+    return [json.loads(line) for f in files
+            for line in open(hf_hub_download(repo, f, repo_type="dataset"), encoding="utf-8") if line.strip()]
+
+
+def _hf(*args, split):
+    from datasets import load_dataset
+    return load_dataset(*args, split=split)
+
+
+# name -> (DeepSpec's prompt count, hub fetch returning a list of turn lists); fetch untested here (no network)
+TASKS = {
+    "gsm8k": (500, lambda: [[r["question"] + _BOXED] for r in _hf("openai/gsm8k", "main", split="test")]),
+    "math500": (500, lambda: [[r["problem"] + _BOXED] for r in _hf("HuggingFaceH4/MATH-500", split="test")]),
+    "aime25": (30, lambda: [[r["problem"] + _BOXED] for r in _hf("MathArena/aime_2025", split="train")]),
+    "humaneval": (164, lambda: [["Write a solution to the following problem and make sure that it passes the "
+                                 "tests:\n```python\n" + r["prompt"] + "\n```"]
+                                for r in _hf("openai/openai_humaneval", split="test")]),
+    "mbpp": (256, lambda: [[r["prompt"]] for r in _hf("google-research-datasets/mbpp", "sanitized", split="test")]),
+    "livecodebench": (500, lambda: [[_lcb_turn(r)] for r in _hub_jsonl(
+        "livecodebench/code_generation_lite", ["test.jsonl"] + [f"test{i}.jsonl" for i in range(2, 7)])]),
+    "mt-bench": (80, lambda: [list(r["prompt"]) for r in _hf("HuggingFaceH4/mt_bench_prompts", split="train")]),
+    "alpaca": (500, lambda: [[r["instruction"] + (f"\n\nInput:\n{r['input']}" if r["input"] else "")]
+                             for r in _hf("tatsu-lab/alpaca", split="train")]),
+    "arena-hard-v2": (500, lambda: [[r["prompt"]] for r in _hub_jsonl(
+        "lmarena-ai/arena-hard-auto", ["data/arena-hard-v2.0/question.jsonl"])]),
+}
+
+
+class MissingTask(Exception):
+    pass
+
+
+def task_dirs(data_dir=""):
+    return [d for d in (data_dir, os.environ.get("NANOSPEC_DATA_DIR", ""),
+                        os.path.join(os.path.expanduser("~"), ".cache", "nanospec", "eval")) if d]
+
+
+def load_task(name, data_dir="", num_prompts=0, turns=0, heldout=False):
+    """-> list of turn lists (strings), DeepSpec's selection: when the file has more rows than the task's
+    count, shuffle with random.Random(980406) and take the first rows; then the first num_prompts.
+    heldout=True: the rows that selection never uses instead (in-domain training prompts, e.g. gsm8k's 819)."""
+    path = next((p for p in (os.path.join(d, f"{name}.jsonl") for d in task_dirs(data_dir)) if os.path.exists(p)), None)
+    if path is None:
+        if name not in TASKS:
+            raise MissingTask(f"task '{name}': no {name}.jsonl in {task_dirs(data_dir)}; "
+                              f"known tasks: {', '.join(TASKS)}")
+        path = os.path.join(task_dirs()[-1], f"{name}.jsonl")
+        try:  # fetch once from the hub and cache in the documented format (untested here: no network)
+            rows = TASKS[name][1]()
+        except Exception as e:
+            raise MissingTask(f"task '{name}': no {name}.jsonl in {task_dirs(data_dir)} and the hub fetch failed "
+                              f"({type(e).__name__}); put the file in --data_dir") from None
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"turns": t}, ensure_ascii=False) + "\n" for t in rows)
+        os.replace(path + ".tmp", path)
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                t = json.loads(line).get("turns")
+                if not (isinstance(t, list) and t and all(isinstance(s, str) for s in t)):
+                    raise SystemExit(f"{path}:{i + 1}: each row must be {{\"turns\": [non-empty list of strings]}}")
+                rows.append(t)
+    count = TASKS[name][0] if name in TASKS else len(rows)
+    if len(rows) > count:  # DeepSpec's rule (its --seed default)
+        random.Random(980406).shuffle(rows)
+    rows = (rows[count:] if heldout else rows[:count])[:num_prompts or None]
+    return [r[:turns] if turns else r for r in rows]
+
+
+# --- training prompts -------------------------------------------------------------------------
 
 _ROLES = {"user": "user", "human": "user", "prompter": "user", "assistant": "assistant", "gpt": "assistant",
           "chatgpt": "assistant", "bot": "assistant", "model": "assistant", "system": "system"}
@@ -43,7 +135,6 @@ def load_prompts(source, n=0, seed=0):
     if source in ("stdlib-code", "stdlib-methods"):
         return stdlib_code_prompts(methods=source == "stdlib-methods")[:n or None]
     if source.startswith("heldout:"):  # an eval task's rows outside DeepSpec's selection (data: NANOSPEC_DATA_DIR)
-        from evaluate import MissingTask, load_task
         try:
             rows = [{"turns": t} for t in load_task(source[8:], heldout=True)]
         except MissingTask as e:

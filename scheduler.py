@@ -270,32 +270,16 @@ def threshold_lengths(conf, threshold):
 # -----------------------------------------------------------------------------
 # traces (batch 1, real drafter) and the concurrency simulator
 
-@torch.no_grad()
 def record_trace(target, drafter, prompt_ids, max_new_tokens, K, temperature=0.0, generator=None):
-    """Speculative decoding of one prompt with K drafts per round (evaluate.verify_chain: lossless) ->
+    """Speculative decoding of one prompt with K drafts per round (evaluate's loop: lossless) ->
     [(conf [K] raw confidences, n accepted drafts)] per round."""
-    from evaluate import sample_token, verify_chain
-    dev, eos, warp = target.device, target.eos_token_ids, dict(temperature=temperature, top_k=0, top_p=1.0)
-    logits, taps, cache = target.forward(prompt_ids[None].to(dev), logits_to_keep=1)  # prefill
-    token = sample_token(logits[0, -1], generator=generator, **warp)
-    state, out, rounds = drafter.start(prompt_ids.to(dev), taps[0]), [token], []
-    while token not in eos and len(out) < max_new_tokens:
-        drafts, q, conf = drafter.propose(state, token, K, generator=generator, **warp)  # [K], [K, V], [K]
-        if conf is None:
-            raise SystemExit(f"scheduler: {type(drafter).__name__} has no confidence head: train a DSpark drafter "
-                             f"with enable_confidence_head=True")
-        ids = torch.cat([torch.tensor([token], device=dev), drafts.to(dev)])[None]  # [1, K+1]: anchor, drafts
-        logits, taps, cache = target.forward(ids, cache)
-        n, token = verify_chain(logits[0], ids[0, 1:], q, generator=generator, **warp)
-        rounds.append((conf.float().cpu(), n))
-        emit = ids[0, 1:n + 1].tolist() + [token]
-        if any(x in eos for x in emit):
-            break
-        if n < K:
-            cache.crop(n - K)
-        out += emit
-        drafter.commit(state, ids[0, :n + 1], taps[0, :n + 1])
-    return rounds
+    from evaluate import speculative_generate
+    if getattr(drafter, "confidence_head", None) is None:
+        raise SystemExit(f"scheduler: {type(drafter).__name__} has no confidence head: train a DSpark drafter "
+                         f"with enable_confidence_head=True")
+    res = speculative_generate(target, drafter, prompt_ids, max_new_tokens, temperature, block_size=K,
+                               generator=generator)
+    return [(c.float().cpu(), n) for c, (_, n, _) in zip(res["conf"], res["rounds"])]
 
 
 def simulate(conf, accepted, sps, R, policy, steps=500, threshold=0.5):
@@ -324,7 +308,8 @@ def simulate(conf, accepted, sps, R, policy, steps=500, threshold=0.5):
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     from tqdm import tqdm
-    from evaluate import drafter_block_size, load_drafter, load_task, messages_of, resolve_draft, target_of
+    from evaluate import drafter_block_size, load_drafter, messages_of, resolve_draft, target_of
+    from prompts import load_task
     from target import load_target
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)

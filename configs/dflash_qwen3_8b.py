@@ -29,3 +29,4 @@ eval_interval = 1000
 # evaluation: DeepSpec's protocol (chain drafting, batch 1, temperature 1, 2048 new tokens)
 temperature = 1.0
 max_new_tokens = 2048
+turns = 1                        # mt-bench: the first turn only, as DeepSpec (evaluate.py default 0: every turn)

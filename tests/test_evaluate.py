@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import evaluate as E
+import prompts
 from conftest import EVAL_DIR
 from kernels import logits_to_probs
 from target import load_target
@@ -54,7 +55,7 @@ class Oracle:
         assert len(taps) == len(prompt_ids)
         return {"n": len(prompt_ids), "round": 0}
 
-    def propose(self, state, anchor, k, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    def propose(self, state, anchor, k, temperature=0.0, top_k=0, top_p=1.0, generator=None, stop_ids=None):
         n, r = state["n"], state["round"]
         assert anchor == self.full[n]
         toks = [self.full[n + 1 + i] if n + 1 + i < len(self.full) else 7 for i in range(k)]
@@ -78,7 +79,7 @@ class Constant:
     def start(self, prompt_ids, taps):
         return {}
 
-    def propose(self, state, anchor, k, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    def propose(self, state, anchor, k, temperature=0.0, top_k=0, top_p=1.0, generator=None, stop_ids=None):
         return torch.zeros(k, dtype=torch.long), torch.nn.functional.one_hot(torch.zeros(k, dtype=torch.long), 262).float(), None
 
     def commit(self, state, ids, taps):
@@ -103,7 +104,7 @@ class Distorted:
     def start(self, prompt_ids, taps):
         return {"ctx": tuple(prompt_ids.tolist())}
 
-    def propose(self, state, anchor, k, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    def propose(self, state, anchor, k, temperature=0.0, top_k=0, top_p=1.0, generator=None, stop_ids=None):
         ctx, toks, probs = state["ctx"] + (int(anchor),), [], []
         for _ in range(k):
             q = self.q(ctx)
@@ -234,6 +235,53 @@ def test_greedy_real_drafters(tiny, kind):
             assert res["ids"] == E.plain_generate(t, ids, 20)[0], (name, kind, text)
 
 
+def test_eagle3_propose_stops_at_stop_ids(tiny):
+    """Eagle3.propose(stop_ids=...) ends the chain after the first drafted stop token: the same draws (same
+    generator seed) cut to that length; ids it never drafts change nothing; a tensor works like a set."""
+    t = tiny["tiny-qwen3"]
+    d = real_drafter("eagle3", t)
+    ids = ids_of(t, "Hi")
+    state = d.start(ids, t.features(ids[None])[0][0])
+    g = lambda: torch.Generator().manual_seed(0)
+    full, full_q, _ = d.propose(state, 184, K, temperature=1.0, generator=g())
+    assert len(full) == K and int(full[0]) != int(full[1])  # the test's premise: slot 1 drafts a new token
+    for stop in ({int(full[1])}, torch.tensor([int(full[1]), 261])):
+        tok, q, _ = d.propose(state, 184, K, temperature=1.0, generator=g(), stop_ids=stop)
+        assert tok.tolist() == full[:2].tolist() and q.shape == (2, full_q.shape[1])
+        torch.testing.assert_close(q, full_q[:2], rtol=0, atol=0)
+    never = set(range(t.config.vocab_size)) - set(full.tolist())
+    tok, q, _ = d.propose(state, 184, K, temperature=1.0, generator=g(), stop_ids=never)
+    assert torch.equal(tok, full) and torch.equal(q, full_q)
+
+
+def test_eagle3_stop_in_speculative_decoding(tiny):
+    """speculative_generate hands the target's end-of-turn ids to Eagle3 (whose propose takes stop_ids), so a
+    drafted EOS ends the chain early; the shorter chains verify correctly (output = plain greedy)."""
+    t = tiny["tiny-qwen3"]
+    d, eos0, seen = real_drafter("eagle3", t), t.eos_token_ids, []
+    propose = d.propose
+
+    def recording(state, anchor, k, stop_ids=None, **kw):
+        out = propose(state, anchor, k, stop_ids=stop_ids, **kw)
+        seen.append((stop_ids, out[0].tolist()))
+        return out
+
+    d.propose = recording
+    ids = ids_of(t, "Hi")
+    E.speculative_generate(t, d, ids, 12)
+    drafted = seen[0][1]  # this random drafter repeats one token; make it an end-of-turn id
+    assert seen[0][0] == eos0 and len(drafted) == K and drafted[0] not in eos0
+    try:
+        t.eos_token_ids = eos0 | {drafted[0]}
+        seen.clear()
+        res = E.speculative_generate(t, d, ids, 12)
+        assert res["ids"] == E.plain_generate(t, ids, 12)[0]
+        assert seen and all(s == t.eos_token_ids and len(c) < K and c[-1] == drafted[0] for s, c in seen)
+        assert all(r[0] == len(c) for r, (_, c) in zip(res["rounds"], seen))  # proposed = the shorter chain
+    finally:
+        t.eos_token_ids = eos0
+
+
 def test_check_greedy_fails_loudly(tiny, monkeypatch):
     """check_greedy stops with the prompt and position when speculative output differs (a broken rule here)."""
     t = tiny["tiny-qwen3"]
@@ -354,12 +402,80 @@ def test_metrics_hand_computed(tiny):
     assert c["committed"] == 3 and c["rounds"] == 2
 
 
+def test_accept_length_deepspec_counts_the_cut_last_round(tiny):
+    """accept_length_deepspec counts the last round uncapped (all its accepted tokens + the bonus, as DeepSpec);
+    tau stops at max_new_tokens. Equal when no round is cut."""
+    # by hand: rounds commit 2 and 2, but the last round accepted 3 + bonus = 4 of which the budget kept 2
+    r = E.rates(E.tally([(3, 1, 2), (3, 3, 2)], 3, cut=2))
+    assert r["tau"] == 4 / 2 and r["accept_length_deepspec"] == 6 / 2
+    r = E.rates(E.merge([E.tally([(3, 3, 4)], 3), E.tally([(3, 2, 1)], 3, cut=2), E.tally([(3, 0, 1)], 3)]))
+    assert r["tau"] == 6 / 3 and r["accept_length_deepspec"] == 8 / 3
+    assert E.rates(E.tally([(3, 1, 2), (3, 3, 4)], 3))["accept_length_deepspec"] == 3.0  # nothing cut: = tau
+    # decoded: the scripted rounds of test_metrics_hand_computed accept 1, 3, 0, 2 (+ bonus each) = 10 tokens
+    t = tiny["tiny-qwen3"]
+    eos0 = t.eos_token_ids
+    try:
+        t.eos_token_ids = set()
+        ids = ids_of(t, "Hi")
+        ref, _ = E.plain_generate(t, ids, 20)
+        first_wrong = {0: 1, 1: 9, 2: 0, 3: 2}
+        got = {}
+        for budget in (11, 10, 5):  # 1 prefill token + 10: no cut; 10: the 4th round cut by 1; 5: the 2nd by 2
+            d = Oracle(ids.tolist() + ref, len(t.tokenizer), lambda r, i: i == first_wrong.get(r))
+            d.block_size = 3
+            res = E.speculative_generate(t, d, ids, budget)
+            assert res["ids"] == ref[:budget]
+            got[budget] = E.rates(E.tally(res["rounds"], 3, res["cut"]))
+    finally:
+        t.eos_token_ids = eos0
+    assert got[11]["tau"] == got[11]["accept_length_deepspec"] == 10 / 4
+    assert got[10]["tau"] == 9 / 4 and got[10]["accept_length_deepspec"] == 10 / 4
+    assert got[5]["tau"] == (2 + 2) / 2 and got[5]["accept_length_deepspec"] == (2 + 4) / 2
+
+
+def test_macro_and_table_labels():
+    """tau_macro is the unweighted task mean (tasks without rounds skipped); the table shows it in a 'mean of
+    tasks' row beside the pooled overall, and tree mode labels the per-slot rates per depth, not as DeepSpec's."""
+    assert E.macro({"a": {"tau": 2.0}, "b": {"tau": 3.5}, "c": {"tau": None}}) == 2.75
+    assert E.macro({"a": {"tau": None}}) is None
+    long, short = E.tally([(3, 0, 1)] * 3, 3), E.tally([(3, 3, 4)], 3, cut=1)  # taus 1 and 4; 5 with the cut
+    o = E.overall_rates({"a": E.rates(long), "b": E.rates(short)}, [long, short])
+    assert o["tau"] == 7 / 4 and o["tau_macro"] == (1 + 4) / 2  # pooled vs the paper's mean of tasks
+    assert o["accept_length_deepspec"] == 8 / 4 and o["accept_length_deepspec_macro"] == (1 + 5) / 2
+    row = lambda tau, ds, n: dict(prompts=1, new_tokens=10, rounds=n, tau=tau, accept_length_deepspec=ds,
+                                  mean_proposal_len=3.0, tokens_per_s=None, baseline_tokens_per_s=None, speedup=None,
+                                  draft_s=0.0, verify_s=0.0, accept_rate_conditional=[0.5], accept_rate_cumulative=[0.5])
+    tasks = {"a": row(2.0, 2.25, 1), "b": row(4.0, 4.0, 3)}
+    overall = dict(row(3.5, 3.56, 4), tau_macro=3.0, accept_length_deepspec_macro=3.125)
+    chain = E.format_table(tasks, overall)
+    assert "DeepSpec accept_rate@i" in chain and "tau_ds" in chain
+    mean = [line for line in chain.splitlines() if line.startswith("mean of tasks")]
+    assert len(mean) == 1 and mean[0].split()[3:] == ["3.00", "3.12"]
+    tree = E.format_table(tasks, overall, tree=True)
+    assert "DeepSpec" not in tree.splitlines()[0] and "depth" in tree.splitlines()[0]
+    assert "mean of tasks" not in E.format_table({"a": tasks["a"]}, overall)  # one task: the row would repeat it
+
+
+def test_warmup_runs_the_timed_paths(tiny, monkeypatch):
+    """warmup decodes a few untimed tokens on the speculative path, and on the plain path only when it is timed."""
+    t = tiny["tiny-qwen3"]
+    spec, plain = [], []
+    monkeypatch.setattr(E, "speculative_generate", lambda *a, **kw: spec.append((a[3], kw["tree_budget"])))
+    monkeypatch.setattr(E, "plain_generate", lambda *a, **kw: plain.append(a[2]))
+    cfg = dict(temperature=0.0, top_k=0, top_p=1.0, baseline=True, tree_budget=5)
+    E.warmup(t, Constant(), ids_of(t, "Hi"), cfg, K)
+    assert spec == [(8, 5)] and plain == [8]
+    E.warmup(t, Constant(), ids_of(t, "Hi"), dict(cfg, baseline=False), K)
+    assert len(spec) == 2 and plain == [8]
+
+
 def test_measure_tau(tiny):
     """measure_tau (train.py's in-training tau) accepts strings and message lists and reports rates."""
     t = tiny["tiny-qwen3"]
     r = E.measure_tau(t, real_drafter("dflash", t), ["Hi", [{"role": "user", "content": "Why?"}]], max_new_tokens=8)
     assert r["rounds"] > 0 and 1.0 <= r["tau"] <= K + 1 and len(r["accept_rate_conditional"]) == K
     assert r["new_tokens"] == 2 + round(r["tau"] * r["rounds"])  # the prefill token of each prompt + rounds
+    assert r["accept_length_deepspec"] >= r["tau"]
 
 
 # -----------------------------------------------------------------------------
@@ -374,19 +490,19 @@ def test_load_task_selection(tmp_path, monkeypatch):
         pytest.skip("shared eval datasets not present")
     rows = [json.loads(line)["turns"] for line in open(os.path.join(src, "gsm8k.jsonl"))]
     random.Random(980406).shuffle(rows)
-    got = E.load_task("gsm8k", src)
+    got = prompts.load_task("gsm8k", src)
     assert len(got) == 500 and got == rows[:500]
-    assert E.load_task("gsm8k", src, num_prompts=5) == rows[:5]
-    assert E.load_task("humaneval", src, num_prompts=3) == [json.loads(line)["turns"] for line in
+    assert prompts.load_task("gsm8k", src, num_prompts=5) == rows[:5]
+    assert prompts.load_task("humaneval", src, num_prompts=3) == [json.loads(line)["turns"] for line in
                                                             open(os.path.join(src, "humaneval.jsonl"))][:3]
-    mt = E.load_task("mt-bench", src)
-    assert len(mt) == 80 and all(len(r) == 2 for r in mt) and all(len(r) == 1 for r in E.load_task("mt-bench", src, turns=1))
+    mt = prompts.load_task("mt-bench", src)
+    assert len(mt) == 80 and all(len(r) == 2 for r in mt) and all(len(r) == 1 for r in prompts.load_task("mt-bench", src, turns=1))
     (tmp_path / "mine.jsonl").write_text('{"turns": ["a", "b"]}\n{"turns": ["c"]}\n')
-    assert E.load_task("mine", str(tmp_path)) == [["a", "b"], ["c"]]
+    assert prompts.load_task("mine", str(tmp_path)) == [["a", "b"], ["c"]]
     monkeypatch.setenv("NANOSPEC_DATA_DIR", str(tmp_path))
-    assert E.load_task("mine") == [["a", "b"], ["c"]]
-    with pytest.raises(E.MissingTask, match="nope"):
-        E.load_task("nope", str(tmp_path))
+    assert prompts.load_task("mine") == [["a", "b"], ["c"]]
+    with pytest.raises(prompts.MissingTask, match="nope"):
+        prompts.load_task("nope", str(tmp_path))
 
 
 def test_load_drafter_and_mismatch_errors(tiny, tmp_path):
@@ -453,6 +569,32 @@ def test_cli_report_resume_and_prompt_mode(tiny, tmp_path, monkeypatch, capsys):
     assert "another config" in text and "already done" not in text
     text = main("--prompt=Hello", "--baseline=False")
     assert "tau" in text and "conditional acceptance" in text
+
+
+def test_cli_device_macro_and_tree_labels(tiny, tmp_path, monkeypatch, capsys):
+    """The device default "" resolves to cuda when available, else cpu (recorded in the report); with two tasks
+    overall.tau_macro is the mean of the task taus, printed as 'mean of tasks'; tree mode labels rates per depth."""
+    from configurator import script_defaults
+    assert script_defaults(os.path.join(ROOT, "evaluate.py"))["device"] == ""
+    t = tiny["tiny-qwen3"]
+    real_drafter("eagle3", t).save_pretrained(str(tmp_path / "drafter"))
+    (tmp_path / "one.jsonl").write_text(json.dumps({"turns": ["Say 1"]}) + "\n")
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps({"turns": [f"Count to {i}"]}) + "\n" for i in range(2)))
+    out = tmp_path / "report.json"
+    monkeypatch.setattr("sys.argv", ["evaluate.py", "--task=one,two", f"--data_dir={tmp_path}", "--max_new_tokens=7",
+                                     f"--draft={tmp_path / 'drafter'}", "--baseline=False", "--tree_budget=4",
+                                     f"--out={out}"])
+    runpy.run_path(os.path.join(ROOT, "evaluate.py"), run_name="__main__")
+    text, rep = capsys.readouterr().out, json.load(open(out))
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert rep["config"]["device"] == want and f"float32 on {want}" in text
+    tasks, o = rep["tasks"], rep["overall"]
+    assert o["tau_macro"] == pytest.approx((tasks["one"]["tau"] + tasks["two"]["tau"]) / 2)
+    assert o["accept_length_deepspec_macro"] == pytest.approx(
+        (tasks["one"]["accept_length_deepspec"] + tasks["two"]["accept_length_deepspec"]) / 2)
+    assert all(r["accept_length_deepspec"] >= r["tau"] for r in [o, *tasks.values()])
+    assert any(line.startswith("mean of tasks") and f"{o['tau_macro']:.2f}" in line for line in text.splitlines())
+    assert "per depth" in text and "DeepSpec accept_rate@i" not in text
 
 
 def test_torchrun_two_ranks_match_one_process(tiny, tmp_path, monkeypatch, capsys):

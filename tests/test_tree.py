@@ -147,7 +147,7 @@ class TreeOracle:
     def next_probs(self, state, anchor, paths, temperature=0.0, top_k=0, top_p=1.0):
         return torch.stack([self.q(state, anchor, p) for p in paths])
 
-    def propose(self, state, anchor, k, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    def propose(self, state, anchor, k, temperature=0.0, top_k=0, top_p=1.0, generator=None, stop_ids=None):
         path = ()
         for _ in range(k):
             path += (int(self.q(state, anchor, path).argmax()),)
