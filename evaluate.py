@@ -129,6 +129,9 @@ def load_drafter(path, target):
         raise SystemExit(f"drafter {path} taps layers {ids} but the target was loaded with {target.layer_ids}: "
                          f"load it with load_target(..., layer_ids={ids})")
     model = Cls.from_pretrained(path, target=target)
+    bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()), None)
+    if bad is not None:
+        raise SystemExit(f"drafter {path}: model.safetensors holds NaN/inf in {bad}; retrain or pick another checkpoint")
     return model.to(device=target.device, dtype=target.embed_weight.dtype).eval()
 
 

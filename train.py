@@ -85,6 +85,25 @@ eval_prompts = 8                 # held-out answers (excluded from training) use
 eval_max_new_tokens = 64
 resume = True                    # continue from out_dir/step_latest when it exists
 config = configure(globals())
+for key, ok, want in [(k, globals()[k] >= 1, ">= 1") for k in ("keep_last", "save_interval", "log_interval", "epochs",
+                      "global_batch_size", "micro_batch_size", "num_anchors", "block_size")] + [
+        ("max_steps", max_steps >= 0, ">= 0 (0 = from epochs)"), ("learning_rate", learning_rate > 0, "> 0"),
+        ("grad_clip", grad_clip >= 0, ">= 0 (0 = off)"), ("warmup_frac", 0 <= warmup_frac <= 1, "in [0, 1]")]:
+    if not ok:  # refused before any work: these would delete checkpoints, divide by zero or train on nothing
+        raise SystemExit(f"train: {key} must be {want} (got {globals()[key]!r}): set --{key} or the config's {key}")
+
+# --- out_dir: continue the run it holds (resume, from the newest complete checkpoint), never overwrite it -----
+os.makedirs(out_dir, exist_ok=True)
+latest = os.path.join(out_dir, "step_latest")
+saved = sorted((int(d[5:]) for d in os.listdir(out_dir) if d[:5] == "step_" and d[5:].isdigit()), reverse=True)
+complete = lambda p: all(os.path.exists(f"{p}/{f}") for f in ("model.safetensors", "train_state.pt", "config.json"))
+ckpt = next((p for p in [latest] + [os.path.join(out_dir, f"step_{s}") for s in saved] if complete(p)), None)
+if not resume and (saved or os.path.lexists(latest) or os.path.exists(os.path.join(out_dir, "metrics.jsonl"))):
+    raise SystemExit(f"train: {out_dir} holds another run (resume=False would overwrite its checkpoints and mix both "
+                     f"runs in metrics.jsonl): pass --resume=True to continue it, or another --out_dir")
+if resume and saved and ckpt is None:
+    raise SystemExit(f"train: {out_dir} holds no complete checkpoint to resume from (step_<N>/ with model.safetensors, "
+                     f"train_state.pt and config.json): move it away or pass another --out_dir")
 
 # --- distributed init: plain torchrun, one process works unchanged ------------------------------
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -226,16 +245,15 @@ if master:
 
 # --- resume ----------------------------------------------------------------------------------------
 step = 0
-latest = os.path.join(out_dir, "step_latest")
-if resume and os.path.exists(os.path.join(latest, "train_state.pt")):
+if resume and ckpt:  # step_latest, or the newest complete step_<N> when step_latest is dangling or incomplete
     from safetensors.torch import load_file
-    state = torch.load(os.path.join(latest, "train_state.pt"), map_location=device, weights_only=True)
-    weights = load_file(os.path.join(latest, "model.safetensors"), device=str(device))
+    state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location=device, weights_only=True)
+    weights = load_file(os.path.join(ckpt, "model.safetensors"), device=str(device))
     model.load_state_dict({**model.state_dict(), **weights})
     optimizer.load_state_dict(state["optimizer"])
     step = state["step"]
     if master:
-        print(f"train: resumed from {os.path.realpath(latest)} at step {step}")
+        print(f"train: resumed from {os.path.realpath(ckpt)} at step {step}" + (ckpt != latest) * " (step_latest broken)")
 raw_model = model
 if ddp:
     model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if "cuda" in device else None)
@@ -251,6 +269,10 @@ def get_lr(it):
 
 def save_checkpoint(step):
     """out_dir/step_<N>/ = drafter (DeepSpec layout) + train_state.pt; step_latest -> newest; keep last k."""
+    bad = next((k for k, v in raw_model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()), None)
+    if bad is not None:  # a broken update never becomes step_latest nor rotates good checkpoints out
+        raise SystemExit(f"train: refusing to save step {step}: {bad} is not finite (the update overflowed): lower "
+                         f"learning_rate; a rerun resumes from step_latest, the last good checkpoint")
     path = os.path.join(out_dir, f"step_{step}")
     raw_model.save_pretrained(path, include_frozen=save_frozen)
     tmp = os.path.join(path, "train_state.pt.tmp")
@@ -263,8 +285,8 @@ def save_checkpoint(step):
         os.remove(link)
     os.symlink(f"step_{step}", link)
     os.replace(link, latest)  # atomic: step_latest is always a complete checkpoint
-    steps = sorted(int(d[5:]) for d in os.listdir(out_dir) if d.startswith("step_") and d[5:].isdigit())
-    for old in steps[:-keep_last]:
+    older = sorted(int(d[5:]) for d in os.listdir(out_dir) if d[:5] == "step_" and d[5:].isdigit() and int(d[5:]) < step)
+    for old in older[:max(0, len(older) - keep_last + 1)]:  # never the one just saved nor a newer leftover
         shutil.rmtree(os.path.join(out_dir, f"step_{old}"), ignore_errors=True)
 
 
@@ -276,7 +298,6 @@ def all_reduce(t):
 
 
 # --- training loop -----------------------------------------------------------------------------------
-os.makedirs(out_dir, exist_ok=True)
 log = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
 pbar = tqdm(total=max_steps, initial=step, disable=not master, desc=f"train {drafter}", dynamic_ncols=True)
 t0, tokens = time.time(), 0
@@ -301,7 +322,11 @@ while step < max_steps:
         for k, v in {**metrics, "loss": loss / accum}.items():
             sums[k] = sums.get(k, 0) + v.detach().float()
     sums = {k: all_reduce(v.to(device)) for k, v in sums.items()}  # logged: sums over micro-steps and ranks
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else torch.zeros(())
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)  # inf: no clipping
+    if not (math.isfinite(float(sums["loss"])) and math.isfinite(float(grad_norm))):  # equal on all ranks
+        raise SystemExit(f"train: step {step + 1}: objective {float(sums['loss'])}, gradient norm {float(grad_norm)}: "
+                         f"not finite, stopped before the update and any save. Lower learning_rate or check the data "
+                         f"in {cache_dir}; a rerun resumes from step_latest, the last good checkpoint")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step += 1

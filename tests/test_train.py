@@ -2,6 +2,8 @@
 online == offline, and every config builds its drafter at the real geometry on the meta device."""
 import glob
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -204,3 +206,146 @@ def test_config_builds_on_meta(path):
     H = hf.hidden_size
     assert model.state_dict()["fc.weight"].shape == (H, len(kw["target_layer_ids"]) * H)
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+# --- nothing lost, nothing silently wrong: each test below fails on the code before the fix -----------------
+
+def refused(args):
+    """Run train.py where it must stop -> its one-line message (tqdm's bar may precede and follow it)."""
+    p = subprocess.run([sys.executable, "train.py", TINY] + args, cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode != 0, "train.py exited 0:\n" + p.stdout[-2000:] + p.stderr[-2000:]
+    return re.findall(r"train: [^\r\n]*", p.stderr)[-1]
+
+
+@pytest.fixture(scope="module")
+def run4(cache, tmp_path_factory):
+    """A 4-step run that saves every step and keeps 3: step_2, step_3, step_4, step_latest -> step_4."""
+    out = tmp_path_factory.mktemp("run4") / "out"
+    train(cache, out, 4, save_interval=1, keep_last=3)
+    return out
+
+
+def copy_of(run, tmp_path):
+    shutil.copytree(run, tmp_path / "out", symlinks=True)
+    return tmp_path / "out"
+
+
+def assert_intact(out, run):
+    """out holds run's checkpoints unchanged (finite), step_latest -> step_4, and the same metrics.jsonl."""
+    assert sorted(os.listdir(out)) == sorted(os.listdir(run)) and os.readlink(out / "step_latest") == "step_4"
+    assert (out / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
+    for d in ("step_2", "step_3", "step_4"):
+        w = load_file(out / d / "model.safetensors")
+        assert_same(w, load_file(run / d / "model.safetensors"))
+        assert all(v.isfinite().all() for v in w.values())
+
+
+def nan_taps(cache, dst):
+    """A copy of the cache whose taps are all NaN (bf16 0x7fc0), as a corrupted shard's would be."""
+    import numpy as np
+    from build_cache import CacheReader, record_layout
+    shutil.copytree(cache, dst)
+    r = CacheReader(str(dst))
+    for _, T, nl, off, _, k in r.index.tolist():
+        start, size = record_layout(T, nl, r.hidden_size, r.n_layers, r.cache_dtype)[0]["taps"]
+        shard = np.memmap(os.path.join(dst, r.manifest["shards"][k]["file"]), np.uint8, "r+")
+        shard[off + start:off + start + size].view(np.uint16)[:] = 0x7fc0
+        shard.flush()
+    return dst
+
+
+def test_non_finite_objective_stops_before_the_update(cache, run4, tmp_path):
+    """Resuming on a corrupted cache (NaN taps): step 5's objective is NaN, so train.py stops with one line
+    naming the step and the fix, before the update and any save. The old code kept stepping, exited 0, made a
+    NaN step_8 step_latest and rotated step_2..4 out."""
+    out = copy_of(run4, tmp_path)
+    line = refused([f"--cache_dir={nan_taps(cache, tmp_path / 'bad')}", "--data_mode=offline", f"--out_dir={out}",
+                    "--max_steps=8", "--save_interval=1", "--keep_last=3"])
+    assert line.startswith("train: step 5: objective nan") and "learning_rate" in line and "resumes" in line
+    assert_intact(out, run4)
+
+
+def test_non_finite_weights_are_never_saved(run4, tmp_path):
+    """save_checkpoint refuses a model with a NaN parameter (an update that overflowed on the last step, where no
+    next forward would catch it): nothing is written, step_latest stays on step_4 and, even with keep_last=1,
+    nothing is rotated out. The old save_checkpoint wrote it as step_latest and deleted step_2..4. (train.py runs
+    on import, so its save_checkpoint is compiled alone against the globals it reads.)"""
+    import ast
+    import json
+    from evaluate import load_drafter
+    from target import load_target
+    out = copy_of(run4, tmp_path)
+    model = load_drafter(str(run4 / "step_4"), load_target("tiny-qwen3"))
+    tree = ast.parse(open(os.path.join(ROOT, "train.py")).read())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "save_checkpoint")
+    env = dict(os=os, json=json, shutil=shutil, torch=torch, raw_model=model, out_dir=str(out), save_frozen=True,
+               latest=str(out / "step_latest"), optimizer=torch.optim.AdamW(model.parameters()), config={},
+               global_batch_size=4, keep_last=1)
+    exec(compile(ast.Module([fn], []), "train.py", "exec"), env)
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("nan")
+    with pytest.raises(SystemExit, match=r"train: refusing to save step 5: fc.weight is not finite .*learning_rate"):
+        env["save_checkpoint"](5)
+    assert_intact(out, run4)
+
+
+@pytest.mark.parametrize("setting", ["keep_last=-1", "keep_last=0", "save_interval=0", "learning_rate=0.0",
+                                     "warmup_frac=1.5", "micro_batch_size=0"])
+def test_refused_settings(cache, tmp_path, setting):
+    """Settings that would delete every checkpoint (keep_last <= 0: the old code left step_latest dangling),
+    divide by zero or train on nothing stop at once, in one line naming the key, before out_dir exists."""
+    key = setting.split("=")[0]
+    line = refused([f"--cache_dir={cache}", f"--out_dir={tmp_path / 'out'}", f"--{setting}"])
+    assert line.startswith(f"train: {key} must be") and f"--{key}" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_false_refuses_an_out_dir_with_a_run(cache, run4, tmp_path):
+    """resume=False into another run's out_dir stops, naming both fixes; the old code overwrote its checkpoints
+    and appended a second run to its metrics.jsonl."""
+    out = copy_of(run4, tmp_path)
+    line = refused([f"--cache_dir={cache}", f"--out_dir={out}", "--resume=False", "--max_steps=4", "--save_interval=1"])
+    assert "holds another run" in line and "--resume=True" in line and "--out_dir" in line
+    assert_intact(out, run4)
+
+
+@pytest.mark.parametrize("damage", ["dangling step_latest", "no train_state.pt in step_4"])
+def test_resume_falls_back_to_the_newest_complete_checkpoint(cache, run4, tmp_path, damage):
+    """A broken step_latest (its folder gone, or its train_state.pt missing) resumes from step_3, says so, and
+    continues the same run (step_4 is made again, bit for bit); the old code restarted from step 0 silently."""
+    out = copy_of(run4, tmp_path)
+    if damage == "dangling step_latest":
+        shutil.rmtree(out / "step_4")
+    else:
+        os.remove(out / "step_4" / "train_state.pt")
+    _, log = train(cache, out, 4, save_interval=1, keep_last=3)
+    assert f"resumed from {os.path.realpath(out / 'step_3')} at step 3 (step_latest broken)" in log
+    assert os.readlink(out / "step_latest") == "step_4" and os.path.exists(out / "step_4" / "train_state.pt")
+    assert_same(load_file(out / "step_4" / "model.safetensors"), load_file(run4 / "step_4" / "model.safetensors"))
+
+
+def test_resume_stops_without_a_complete_checkpoint(cache, run4, tmp_path):
+    """No step_<N> is complete: train.py stops with one line instead of restarting from step 0 over them."""
+    out = copy_of(run4, tmp_path)
+    for d in ("step_2", "step_3", "step_4"):
+        os.remove(out / d / "train_state.pt")
+    line = refused([f"--cache_dir={cache}", f"--out_dir={out}", "--max_steps=4", "--save_interval=1"])
+    assert "no complete checkpoint" in line and "--out_dir" in line
+    assert all(os.path.exists(out / d / "model.safetensors") for d in ("step_2", "step_3", "step_4"))
+
+
+def test_load_drafter_refuses_non_finite_weights(run4, tmp_path):
+    """evaluate.load_drafter stops on a drafter with a NaN weight, naming the file and the tensor."""
+    from safetensors.torch import save_file
+    from evaluate import load_drafter
+    from target import load_target
+    d = tmp_path / "drafter"
+    shutil.copytree(run4 / "step_4", d)
+    weights = load_file(d / "model.safetensors")
+    weights["fc.weight"][0, 0] = float("nan")
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    target = load_target("tiny-qwen3")
+    load_drafter(str(run4 / "step_4"), target)  # the intact checkpoint loads
+    with pytest.raises(SystemExit, match=r"model.safetensors holds NaN/inf in fc.weight; retrain"):
+        load_drafter(str(d), target)
