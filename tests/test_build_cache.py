@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -407,3 +408,94 @@ def test_stdlib_code_heldout_and_mixed_prompt_sources(tmp_path, monkeypatch):
     texts = [c[0]["content"] for c in mix]
     assert sorted(texts) == sorted(firsts + held) and texts != firsts + held
     assert mix == bc.load_prompts("stdlib-code,heldout:gsm8k", 0, 3) != bc.load_prompts("stdlib-code,heldout:gsm8k", 0, 4)
+
+
+def run_main(monkeypatch, *args):
+    """`python build_cache.py <CLI> args` in this process (no second torch import)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["build_cache.py"] + CLI + list(args))
+    runpy.run_path(os.path.join(ROOT, "build_cache.py"), run_name="__main__")
+
+
+def test_changed_feature_settings_are_refused_never_deleted(tiny, cache, tmp_path, monkeypatch):
+    """Changing a feature setting (or the format version) on a built cache stops before any work with one line
+    naming old -> new, the new-dir command that reuses the answers and --overwrite_features=True; nothing is
+    deleted. Same settings keep every finished shard; --overwrite_features=True rebuilds; a dry run is not refused."""
+    d = str(tmp_path / "c")
+    os.makedirs(d)
+    shutil.copy(str(cache["dir"] / "answers.jsonl"), d)
+    feats = ["--stage=features", f"--cache_dir={d}", "--shard_tokens=200"]
+    run_main(monkeypatch, *feats)
+    files = lambda: {f: (open(f, "rb").read(), os.stat(f).st_mtime_ns) for f in glob.glob(os.path.join(d, "*"))}
+    before = files()
+    assert len(glob.glob(os.path.join(d, "rank0_shard*.bin"))) >= 3
+    run_main(monkeypatch, *feats)  # same settings: nothing rewritten but the manifest
+    assert {f: v for f, v in files().items() if "manifest" not in f} == \
+        {f: v for f, v in before.items() if "manifest" not in f}
+    before = files()
+    for flag, what in [("--cache_dtype=bf16", "cache_dtype 'fp8' -> 'bf16'"), ("--max_len=64", "max_len 4096 -> 64"),
+                       ("--min_supervised=1", f"min_supervised {MIN_SUP} -> 1"),
+                       ("--shard_tokens=300", "shard_tokens 200 -> 300"),
+                       ("--keep_truncated=False", "keep_truncated True -> False"),
+                       ("--dtype=bfloat16", "compute_dtype 'torch.float32' -> 'torch.bfloat16'")]:
+        with pytest.raises(SystemExit) as e:
+            run_main(monkeypatch, *feats, flag)
+        msg = str(e.value)
+        assert what in msg and "\n" not in msg and f"cp {d}/answers.* NEW/" in msg and "--cache_dir=NEW" in msg
+        assert "--overwrite_features=True" in msg and files() == before
+    settings = json.load(open(os.path.join(d, "features.settings.json")))
+    open(os.path.join(d, "features.settings.json"), "w").write(json.dumps({**settings, "version": 1}))
+    with pytest.raises(SystemExit, match=r"format version 1 -> 2.*--overwrite_features=True"):
+        run_main(monkeypatch, *feats)
+    with pytest.raises(SystemExit) as e:  # a dry run writes nothing: not refused
+        run_main(monkeypatch, *feats, "--cache_dtype=bf16", "--dry_run")
+    assert e.value.code == 0 and {f: v for f, v in files().items() if "settings" not in f} == \
+        {f: v for f, v in before.items() if "settings" not in f}
+    new = str(tmp_path / "new")  # the suggested way to keep both: the answers copied to a new dir
+    os.makedirs(new)
+    [shutil.copy(f, new) for f in glob.glob(os.path.join(d, "answers.*"))]
+    run_main(monkeypatch, "--stage=features", f"--cache_dir={new}", "--cache_dtype=bf16")
+    assert len(bc.CacheReader(new)) == N and bc.CacheReader(new).cache_dtype == "bf16"
+    assert bc.CacheReader(d).cache_dtype == "fp8" and len(bc.CacheReader(d)) == N
+    run_main(monkeypatch, *feats, "--cache_dtype=bf16", "--overwrite_features=True")
+    r = bc.CacheReader(d)
+    assert r.cache_dtype == "bf16" and len(r) == N and not glob.glob(os.path.join(d, "*.tmp"))
+    assert json.load(open(os.path.join(d, "features.settings.json")))["version"] == 2
+    assert open(os.path.join(d, "answers.jsonl")).read() == open(str(cache["dir"] / "answers.jsonl")).read()
+    for i in range(N):
+        assert torch.equal(r[i]["taps"], cache["bf16"][i]["taps"])
+
+
+def test_corrupt_answer_lines_skipped_with_warning_and_regenerated_in_place(chatty, cache, tmp_path, monkeypatch,
+                                                                            capsys):
+    """A corrupt line in the middle of answers.jsonl is skipped with one warning naming its line; every valid row
+    after it is kept (repair cuts only a partial last line). A resume regenerates only the missing rows, in
+    place: no valid answer is deleted, changed or duplicated, and the file ends as an uninterrupted run's."""
+    convs = bc.builtin_prompts(7, 3)
+    kw = dict(max_new_tokens=20, temperature=0.7, top_p=0.8, top_k=20, seed=5)
+    full, path = str(tmp_path / "full.jsonl"), str(tmp_path / "answers.jsonl")
+    bc.generate_answers(chatty, convs, list(range(7)), full, batch_size=3, **kw)
+    lines = open(full).read().splitlines(keepends=True)
+    # a valid row that a rerun must keep as it is, after a garbage line and a JSON line that is not a row
+    mine = json.dumps({**json.loads(lines[4]), "finish_reason": "mine"}, ensure_ascii=False) + "\n"
+    body = "".join(lines[:2] + ['{"sample_id": 2, "mess\x00ges": [\n', lines[3], "null\n", mine])
+    open(path, "w").write(body + '{"sample_id": 5, "mess')  # + the half-written line of a killed run
+    capsys.readouterr()
+    rows = bc.read_answers(path, repair=True)
+    assert [r["sample_id"] for r in rows] == [0, 1, 3, 4] and rows[3]["finish_reason"] == "mine"
+    assert open(path).read() == body  # only the partial last line is cut
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}: skipped corrupt line(s) [3, 5]" in err
+    bc.read_answers(path)
+    assert capsys.readouterr().err == ""  # warned once
+    bc.generate_answers(chatty, convs, list(range(7)), path, batch_size=3, **kw)
+    assert open(path).read() == "".join(lines[:4] + [mine] + lines[5:])
+    assert "regenerated missing sample(s) [2]" in capsys.readouterr().out
+    # the CLI: pending = the missing sample ids, not the rows after the first bad line
+    d = str(tmp_path / "c")
+    os.makedirs(d)
+    lines = open(str(cache["dir"] / "answers.jsonl")).read().splitlines(keepends=True)
+    mine = json.dumps({**json.loads(lines[3]), "finish_reason": "mine"}, ensure_ascii=False) + "\n"
+    open(os.path.join(d, "answers.jsonl"), "w").write("".join(lines[:1] + ["garbage\n", lines[2], mine] + lines[4:]))
+    run_main(monkeypatch, "--stage=answers", f"--cache_dir={d}")
+    assert open(os.path.join(d, "answers.jsonl")).read() == "".join(lines[:3] + [mine] + lines[4:])
