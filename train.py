@@ -85,12 +85,16 @@ eval_prompts = 8                 # held-out answers (excluded from training) use
 eval_max_new_tokens = 64
 resume = True                    # continue from out_dir/step_latest when it exists
 config = configure(globals())
-for key, ok, want in [(k, globals()[k] >= 1, ">= 1") for k in ("keep_last", "save_interval", "log_interval", "epochs",
-                      "global_batch_size", "micro_batch_size", "num_anchors", "block_size")] + [
-        ("max_steps", max_steps >= 0, ">= 0 (0 = from epochs)"), ("learning_rate", learning_rate > 0, "> 0"),
-        ("grad_clip", grad_clip >= 0, ">= 0 (0 = off)"), ("warmup_frac", 0 <= warmup_frac <= 1, "in [0, 1]")]:
-    if not ok:  # refused before any work: these would delete checkpoints, divide by zero or train on nothing
-        raise SystemExit(f"train: {key} must be {want} (got {globals()[key]!r}): set --{key} or the config's {key}")
+# refused before any work: these values would delete checkpoints, divide by zero or train on nothing
+bad = [(k, ">= 1") for k in ("keep_last", "save_interval", "log_interval", "epochs", "global_batch_size",
+                              "micro_batch_size", "num_anchors", "block_size") if globals()[k] < 1]
+bad += [("max_steps", ">= 0 (0 = from epochs)")] if max_steps < 0 else []
+bad += [("learning_rate", "> 0")] if learning_rate <= 0 else []
+bad += [("grad_clip", ">= 0 (0 = off)")] if grad_clip < 0 else []
+bad += [("warmup_frac", "in [0, 1]")] if not 0 <= warmup_frac <= 1 else []
+if bad:
+    key, want = bad[0]
+    raise SystemExit(f"train: {key} must be {want} (got {globals()[key]!r}): set --{key} or the config's {key}")
 
 # --- out_dir: continue the run it holds (resume, from the newest complete checkpoint), never overwrite it -----
 os.makedirs(out_dir, exist_ok=True)
