@@ -346,7 +346,8 @@ def synthetic_batch(target, B, T, device):
 
 def train_step(model, optimizer, batch, step, autocast):
     """train.py's optimizer step on one micro-batch: forward + backward under autocast, gradients divided by the
-    supervised weight, clipping at 1.0, AdamW -> loss per unit weight (a float: one sync, as train.py's logging)."""
+    model's normalizer metrics["weight"] (DSpark/DFlash: the supervised weight; Eagle3: B*T), clipping at 1.0,
+    AdamW -> the objective (a float: one sync, as train.py's logging)."""
     dev = batch["input_ids"].device
     gens = [torch.Generator(dev).manual_seed(int(s) * 1_000_003 + step) for s in batch["sample_id"]]
     with autocast:
