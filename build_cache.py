@@ -233,12 +233,14 @@ def encode_features(x, n_layers, cache_dtype):
         raise ValueError(f"cache_dtype must be 'bf16' or 'fp8', got {cache_dtype!r}")
     xs = x.float().reshape(x.shape[0], n_layers, -1)  # [T, n, H]
     scales = (xs.abs().amax(-1) / _FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)  # [T, n]
-    return (xs / scales[..., None]).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn).reshape(x.shape[0], -1), scales
+    q = (xs / scales[..., None]).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(x.shape[0], -1), scales
 
 def decode_features(payload, scales, n_layers):
     """Inverse of encode_features: -> float32 [T, n*H]."""
-    return payload.float() if scales is None else \
-        (payload.float().reshape(len(payload), n_layers, -1) * scales[..., None]).reshape(len(payload), -1)
+    if scales is None:
+        return payload.float()
+    return (payload.float().reshape(len(payload), n_layers, -1) * scales[..., None]).reshape(len(payload), -1)
 
 def bytes_per_token(hidden_size, n_layers, cache_dtype, hidden_fraction):
     """Bytes/token: 4 (id) + 1/8 (mask) + (n taps + hidden_fraction last_hidden) x (2H bf16 | H fp8 + 4 scale)."""
@@ -250,14 +252,17 @@ def record_layout(T, n_hidden, hidden_size, n_layers, cache_dtype):
     e, c = (1, 4) if cache_dtype == "fp8" else (2, 0)
     sections = [("taps", T * n_layers * hidden_size * e), ("last", n_hidden * hidden_size * e),
                 ("taps_scale", T * n_layers * c), ("last_scale", n_hidden * c), ("ids", 4 * T), ("mask", (T + 7) // 8)]
-    ends = np.cumsum([size for _, size in sections]).tolist()
-    return {name: (end - size, size) for (name, size), end in zip(sections, ends)}, -(-ends[-1] // 16) * 16
+    layout, pos = {}, 0
+    for name, size in sections:
+        layout[name], pos = (pos, size), pos + size
+    return layout, -(-pos // 16) * 16
 
 def _features(target, ids, hidden_mask, cache_dtype):
     """One forward at batch 1 -> encoded (taps, their scales, last_hidden at hidden_mask = 1, its scales)."""
     taps, last = target.features(ids[None])  # [1, T, n*H], [1, T, H]
-    return (*encode_features(taps[0], len(target.layer_ids), cache_dtype),
-            *encode_features(last[0][hidden_mask.bool().to(last.device)], 1, cache_dtype))
+    tp, ts = encode_features(taps[0], len(target.layer_ids), cache_dtype)
+    lp, ls = encode_features(last[0][hidden_mask.bool().to(last.device)], 1, cache_dtype)
+    return tp, ts, lp, ls
 
 def _record(ids, loss_mask, hidden_mask, taps, last_rows, sample_id):
     last = taps.new_zeros(len(ids), last_rows.shape[-1])  # [T, H], zeros where hidden_mask = 0
@@ -416,8 +421,11 @@ class CacheReader:
                        (f"<a new dir> (this one holds {m['target']}'s answers)" if other else self.cache_dir))
         return self
 
-    __len__ = lambda self: len(self.index)  # noqa: E731
-    sample_id = lambda self, i: int(self.index[i, 0])  # noqa: E731 (without reading the record)
+    def __len__(self):
+        return len(self.index)
+
+    def sample_id(self, i):  # without reading the record
+        return int(self.index[i, 0])
 
     def __getitem__(self, i):
         sid, T, nl, off, size, k = (int(v) for v in self.index[i])
@@ -483,7 +491,9 @@ if __name__ == "__main__":
               f"{bytes_per_token(H, n, cache_dtype, 1.0):.1f} bytes/token when every token is supervised")
     answers_path, spath = os.path.join(cache_dir, "answers.jsonl"), os.path.join(cache_dir, "answers.settings.json")
     convs = load_prompts(prompts, num_prompts, seed) if stage in ("all", "answers") else []
-    answered = [r for r in read_answers(answers_path) if r["sample_id"] < (len(convs) or 2**63)]  # first num_prompts
+    answered = read_answers(answers_path)
+    if convs:  # stage all/answers: the first num_prompts
+        answered = [r for r in answered if r["sample_id"] < len(convs)]
     pending = [convs[i] for i in sorted(set(range(len(convs))) - {r["sample_id"] for r in answered})]
     gen_settings = {**fp, "layer_ids": None, "prompts": prompts, "seed": seed, "gen_max_new_tokens": gen_max_new_tokens,
                     "gen_temperature": gen_temperature, "gen_top_p": gen_top_p, "gen_top_k": gen_top_k}
@@ -495,8 +505,10 @@ if __name__ == "__main__":
                              f"{[old.get(k) for k in diff]}): delete it or use another --cache_dir")
     fset = dict(fp, version=_VERSION, compute_dtype=str(tgt.embed_weight.dtype), cache_dtype=cache_dtype,
                 max_len=max_len, min_supervised=min_supervised, shard_tokens=shard_tokens, keep_truncated=keep_truncated)
-    was = json.load(open(fpath)) if os.path.exists(fpath := os.path.join(cache_dir, "features.settings.json")) else {}
-    diff = [f"{'format ' * (k == 'version')}{k} {was.get(k)!r} -> {v!r}" for k, v in fset.items() if v != was.get(k)]
+    fpath = os.path.join(cache_dir, "features.settings.json")
+    was = json.load(open(fpath)) if os.path.exists(fpath) else {}
+    diff = [f"{'format version' if k == 'version' else k} {was.get(k)!r} -> {v!r}"
+            for k, v in fset.items() if v != was.get(k)]
     if diff and stage != "answers" and not (overwrite_features or dry_run) and \
             (was or glob.glob(os.path.join(cache_dir, "rank*_shard*"))):  # before any work: never deleted silently
         raise SystemExit(f"{cache_dir} holds features made with other settings ({'; '.join(diff)}). To keep them, "
