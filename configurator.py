@@ -7,8 +7,12 @@ which overrides them in place and returns the effective config as a dict (printe
 checkpoints and reports). One config file serves every script: a key declared by any nanospec entry
 script (SCRIPTS, read with `ast`, never imported) is accepted and ignored where it is unused; a key
 no script declares, a wrong type or a malformed value stops with a message naming the key.
+
+Also the two pieces of plumbing every script shares: `atomic_path` (how every file nanospec writes is written)
+and `init_distributed` (how every script starts under torchrun).
 """
 import ast
+import contextlib
 import difflib
 import os
 import sys
@@ -128,3 +132,36 @@ def configure(defaults, argv=None, verbose=True):
     if verbose and int(os.environ.get("RANK", "0")) == 0:
         print("config: " + " ".join(f"{k}={v!r}" for k, v in config.items()))
     return config
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary name next to `path`; when the block succeeds it replaces `path` in one rename, so a
+    reader (or a rerun after a kill) finds the old file or the new one, never half of one.
+        with atomic_path("model.safetensors") as tmp: save_file(weights, tmp)"""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if os.path.isfile(tmp):
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())  # the data is on disk before the name points at it
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def init_distributed(device=""):
+    """-> (rank, world, device). Under torchrun (RANK in the environment) join the process group (nccl on GPUs,
+    gloo on CPUs) and take the local GPU; otherwise rank 0 of 1. device "" = cuda if available, else cpu."""
+    import torch
+    import torch.distributed as dist
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
