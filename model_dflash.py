@@ -16,6 +16,10 @@ on the supervised prefix of each block. Decoding (start / propose / next_probs /
 incremental cache of context keys/values. Checkpoints use DeepSpec's layout (REFERENCE.md s.5).
 Optional reduced draft vocabulary: buffer d2t [Vd] (draft index -> target id); the draft head is
 lm_head.weight[d2t]; draft distributions are scattered back to the full vocabulary (zero elsewhere).
+
+The layer building blocks (RMSNorm, RoPE, Attention, MLP, init) and DraftModel, what every drafter shares
+(construction from a target, the frozen embedding and head, the reduced vocabulary, checkpoint files), live
+here too: model_dspark.py and model_eagle3.py import them.
 """
 import json
 import math
@@ -27,6 +31,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import kernels
+from configurator import atomic_path
+from target import default_layer_ids
 
 # drafter config keys of the shared contract (DESIGN.md); a drafter ignores the ones it does not use
 CFG_KEYS = {"target_layer_ids", "block_size", "num_draft_layers", "mask_token_id", "markov_rank",
@@ -64,7 +70,7 @@ def rope_cos_sin(config, pos, dim):
 
 
 def apply_rope(x, cos, sin):
-    """x [N, heads, hd] rotated by the angles of its position (cos, sin [N, hd])."""
+    """x [..., N, heads, hd] rotated by the angles of its position (cos, sin [N, hd])."""
     x1, x2 = x.chunk(2, -1)
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
     return x * cos + torch.cat([-x2, x1], -1) * sin
@@ -81,27 +87,40 @@ class RMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-class Attention(nn.Module):
-    """GQA attention with per-head q/k RMSNorm (Qwen3) whose keys/values are [context ; block], eq. (3)."""
+def check_supported(c):
+    """Only Qwen3/Llama-style targets (flat config, SiLU MLP) have drafters here."""
+    if "text_config" in c or c.get("hidden_act", "silu") != "silu" or str(c.get("model_type", "")).startswith("gemma"):
+        raise NotImplementedError("only Qwen3/Llama-style targets (SiLU MLP, flat config) are supported; "
+                                  "Gemma drafters (REFERENCE.md s.5) are not implemented")
 
-    def __init__(self, H, nh, nkv, hd, eps):
+
+class Attention(nn.Module):
+    """GQA attention with per-head q/k RMSNorm (Qwen3) whose keys/values are [context ; block], eq. (3).
+    Eagle3 uses the same projections on a 2H-wide input (in_dim) with its own attention pattern."""
+
+    def __init__(self, H, nh, nkv, hd, eps, in_dim=None):
         super().__init__()
         self.nh, self.nkv, self.hd = nh, nkv, hd
-        self.q_proj = nn.Linear(H, nh * hd, bias=False)
-        self.k_proj = nn.Linear(H, nkv * hd, bias=False)
-        self.v_proj = nn.Linear(H, nkv * hd, bias=False)
+        in_dim = in_dim or H
+        self.q_proj = nn.Linear(in_dim, nh * hd, bias=False)
+        self.k_proj = nn.Linear(in_dim, nkv * hd, bias=False)
+        self.v_proj = nn.Linear(in_dim, nkv * hd, bias=False)
         self.o_proj = nn.Linear(nh * hd, H, bias=False)
         self.q_norm = RMSNorm(hd, eps)
         self.k_norm = RMSNorm(hd, eps)
 
+    def q(self, x, cos, sin):
+        """x [..., N, in_dim] -> rotated queries [..., N, nh, hd]."""
+        return apply_rope(self.q_norm(self.q_proj(x).unflatten(-1, (self.nh, self.hd))), cos, sin)
+
     def kv(self, x, cos, sin):
-        """x [N, H] -> rotated keys, values [N, nkv, hd]; used for context (H_ctx) and block tokens alike."""
-        k = self.k_norm(self.k_proj(x).view(len(x), self.nkv, self.hd))
-        return apply_rope(k, cos, sin), self.v_proj(x).view(len(x), self.nkv, self.hd)
+        """x [..., N, in_dim] -> rotated keys, values [..., N, nkv, hd] (DFlash: context and block tokens alike)."""
+        k = self.k_norm(self.k_proj(x).unflatten(-1, (self.nkv, self.hd)))
+        return apply_rope(k, cos, sin), self.v_proj(x).unflatten(-1, (self.nkv, self.hd))
 
     def forward(self, x, cos, sin, kc, vc, mask=None):
         """x [Q, H] block tokens; kc, vc [S, nkv, hd] context keys/values; mask [Q, S+Q] bool (True = see)."""
-        q = apply_rope(self.q_norm(self.q_proj(x).view(len(x), self.nh, self.hd)), cos, sin)  # [Q, nh, hd]
+        q = self.q(x, cos, sin)  # [Q, nh, hd]
         k, v = self.kv(x, cos, sin)
         k, v = torch.cat([kc, k]), torch.cat([vc, v])  # [S+Q, nkv, hd]: K_i = [W_K H_ctx ; W_K H_d]
         g = self.nh // self.nkv  # GQA: query head j reads kv head j // g; repeating keeps SDPA's fused kernels
@@ -136,18 +155,114 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class DFlash(nn.Module):
+class DraftModel(nn.Module):
+    """What DFlash, DSpark and Eagle3 share: construction from a target (the config contract of DESIGN.md),
+    the frozen target embedding and head, the reduced draft vocabulary, and DeepSpec's checkpoint files.
+
+    A drafter sets `kind`, `normalize_over_ranks` and `proposal_length`; builds embed_tokens, fc, ..., lm_head
+    and the buffer d2t in __init__ from its config.json dict (which draft_config writes); and trains (forward)
+    and decodes (start, propose, next_probs, commit) as DESIGN.md says.
+    """
+    has_confidence = False  # DSpark with a confidence head: propose also returns c_k (scheduler.py uses it)
+
+    @classmethod
+    def from_target(cls, target, **cfg):
+        """Build from a target.Target (frozen embedding/head copied) or a bare HF config (weights at init).
+        cfg: keys of CFG_KEYS; a drafter ignores those it does not use, None = the default."""
+        unknown = sorted(set(cfg) - CFG_KEYS)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_target: unknown config keys {unknown}; valid: {sorted(CFG_KEYS)}")
+        cfg = {k: v for k, v in cfg.items() if v is not None}
+        is_target = hasattr(target, "lm_head_weight")
+        hf = target.config if is_target else target
+        base = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
+        ids = cfg.get("target_layer_ids") or getattr(target, "layer_ids", None) or \
+            default_layer_ids(base["num_hidden_layers"])
+        cfg["target_layer_ids"] = [int(i) for i in ids]
+        model = cls(cls.draft_config(target, base, cfg))
+        if is_target:
+            with torch.no_grad():
+                model.embed_tokens.weight.copy_(target.embed_weight)
+                model.lm_head.weight.copy_(target.lm_head_weight)
+        return model
+
+    def head_weight(self):
+        """Draft head [Vd, H]: the target lm_head, or its rows d2t for a reduced draft vocabulary."""
+        return self.lm_head.weight if self.d2t is None else self.lm_head.weight[self.d2t]
+
+    def to_full(self, p):
+        """Draft-vocab distributions [..., Vd] -> full vocabulary [..., V] (zero outside the draft vocab)."""
+        if self.d2t is None:
+            return p
+        out = p.new_zeros(*p.shape[:-1], self.lm_head.weight.shape[0])
+        out[..., self.d2t] = p
+        return out
+
+    def set_draft_vocab(self, token_ids):
+        """Restrict the draft head to token_ids (e.g. the most frequent answer tokens): d2t[i] = target id."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.lm_head.weight.device)
+        if len(ids.unique()) != len(ids) or ids.min() < 0 or ids.max() >= self.lm_head.weight.shape[0]:
+            raise ValueError("set_draft_vocab: token ids must be distinct target ids")
+        self.d2t = ids
+        self.config["draft_vocab_size"] = len(ids)
+
+    # --- checkpoints (DeepSpec layout: config.json + model.safetensors, keys without prefix) ----
+
+    def save_pretrained(self, path, include_frozen=True):
+        """Write config.json + model.safetensors, each atomically; include_frozen=False omits
+        embed_tokens/lm_head (re-tied from the target by from_pretrained)."""
+        sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+              if include_frozen or k not in FROZEN}
+        with atomic_path(os.path.join(path, "model.safetensors")) as tmp:
+            save_file(sd, tmp, metadata={"format": "pt"})
+        with atomic_path(os.path.join(path, "config.json")) as tmp:
+            with open(tmp, "w") as f:
+                json.dump(self.config, f, indent=2, default=str)
+
+    @classmethod
+    def check_checkpoint(cls, config, path):
+        """Refuse another drafter's checkpoint, naming the class that loads it (DFlash and Eagle3 say how)."""
+
+    @classmethod
+    def from_pretrained(cls, path, target=None):
+        """Load ours or DeepSpec's checkpoint (a folder, or a hub id: downloaded, untested here) in fp32;
+        strict: a missing or unexpected key is an error naming it, except the frozen embed_tokens/lm_head of a
+        checkpoint saved with include_frozen=False, which are re-tied from `target`."""
+        if not os.path.isdir(path):
+            from huggingface_hub import snapshot_download  # hub ids only (no network in CI)
+            path = snapshot_download(path, allow_patterns=["config.json", "*.safetensors"])
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        cls.check_checkpoint(config, path)
+        with torch.device("meta"):  # no init: every tensor comes from the file (or the target)
+            model = cls(config)
+        sd = load_file(os.path.join(path, "model.safetensors"))
+        expected = set(model.state_dict())
+        missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+        if set(missing) - set(FROZEN) or unexpected:
+            raise ValueError(f"{path}: checkpoint does not match {cls.__name__}: missing keys {missing}, "
+                             f"unexpected keys {unexpected}")
+        if missing:  # saved with include_frozen=False: re-tie the frozen embedding and head
+            if target is None:
+                raise ValueError(f"{path} omits {missing} (saved with include_frozen=False): pass target=")
+            frozen = {"embed_tokens.weight": target.embed_weight, "lm_head.weight": target.lm_head_weight}
+            sd.update({k: frozen[k] for k in missing})
+        sd = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v for k, v in sd.items()}
+        model.load_state_dict(sd, assign=True)  # assign keeps each parameter's requires_grad (frozen stay frozen)
+        return model
+
+
+class DFlash(DraftModel):
     kind = "dflash"
     normalize_over_ranks = True  # train.py divides each micro-step's loss by its weight summed over ranks (DeepSpec)
 
     def __init__(self, config):
-        """config: the dict of config.json (target fields + drafter fields), see from_target."""
+        """config: the dict of config.json (target fields + drafter fields), see draft_config."""
         super().__init__()
         c = self.config = dict(config)
-        if "text_config" in c or c.get("hidden_act", "silu") != "silu":
-            raise NotImplementedError("only Qwen3/Llama-style targets (SiLU MLP, flat config) are supported; "
-                                      "Gemma drafters (REFERENCE.md s.5) are not implemented")
+        check_supported(c)
         H, V, nh = c["hidden_size"], c["vocab_size"], c["num_attention_heads"]
+        nkv = c.get("num_key_value_heads") or nh
         self.hd = c.get("head_dim") or H // nh
         eps = c.get("rms_norm_eps", 1e-6)
         self.block_size, self.mask_token_id = c["block_size"], c["mask_token_id"]
@@ -155,8 +270,8 @@ class DFlash(nn.Module):
         self.embed_tokens = nn.Embedding(V, H)  # frozen target embedding
         self.fc = nn.Linear(len(c["target_layer_ids"]) * H, H, bias=False)  # W_c of eq. (2)
         self.hidden_norm = RMSNorm(H, eps)
-        self.layers = nn.ModuleList(DecoderLayer(H, nh, c["num_key_value_heads"], self.hd, c["intermediate_size"],
-                                                 eps) for _ in range(c["num_hidden_layers"]))
+        self.layers = nn.ModuleList(DecoderLayer(H, nh, nkv, self.hd, c["intermediate_size"], eps)
+                                    for _ in range(c["num_hidden_layers"]))
         self.norm = RMSNorm(H, eps)
         self.lm_head = nn.Linear(H, V, bias=False)  # frozen target head
         vd = c.get("draft_vocab_size") or 0
@@ -165,46 +280,38 @@ class DFlash(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)
         self.lm_head.weight.requires_grad_(False)
 
+    @property
+    def proposal_length(self):  # drafts proposed per round by default: one block
+        return self.block_size
+
     @staticmethod
     def head_config(cfg):  # config fields of the sequential/confidence heads: DFlash has neither
         return {"markov_rank": 0, "enable_confidence_head": False}
 
     @classmethod
-    def from_target(cls, target, **cfg):
-        """Build from a target.Target (frozen embedding/head copied) or a bare HF config (weights at init)."""
-        unknown = sorted(set(cfg) - CFG_KEYS)
-        if unknown:
-            raise TypeError(f"{cls.__name__}.from_target: unknown config keys {unknown}; valid: {sorted(CFG_KEYS)}")
-        cfg = {k: v for k, v in cfg.items() if v is not None}  # None = the default
-        is_target = hasattr(target, "lm_head_weight")
-        hf = target.config if is_target else target
-        base = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
-        L, n = base["num_hidden_layers"], cfg.get("num_draft_layers", 5)
-        layer_ids = cfg.get("target_layer_ids") or getattr(target, "layer_ids", None) or \
-            [int(1 + k * (L - 4) / 4 + 0.5) for k in range(5)]  # target.default_layer_ids
+    def draft_config(cls, target, base, cfg):
+        """config.json of a new drafter: the target's config `base` plus DeepSpec's DSpark/DFlash fields."""
+        n = cfg.get("num_draft_layers", 5)
         mask_id = cfg.get("mask_token_id", getattr(target, "mask_token_id", None))
-        config = {**base, "architectures": ["Qwen3DSparkModel"], "num_hidden_layers": n, "num_target_layers": L,
-                  "block_size": cfg.get("block_size", 7), "target_layer_ids": list(layer_ids),
-                  # a target without a reserved mask token: the last id, recorded in the config
-                  "mask_token_id": int(base["vocab_size"] - 1 if mask_id is None else mask_id),
-                  "num_anchors": cfg.get("num_anchors", 512), "layer_types": ["full_attention"] * n,
-                  "tie_word_embeddings": False, **cls.head_config(cfg),
-                  # nanospec's own fields (DeepSpec ignores them)
-                  "draft_vocab_size": cfg.get("draft_vocab_size", 0), "loss_decay_gamma": cfg.get("loss_decay_gamma", 4.0),
-                  "nanospec": {"drafter": cls.kind, "version": 1,
-                               "target_name": cfg.get("target_name", getattr(target, "name", ""))}}
-        model = cls(config)
-        if is_target:
-            with torch.no_grad():
-                model.embed_tokens.weight.copy_(target.embed_weight)
-                model.lm_head.weight.copy_(target.lm_head_weight)
-        return model
+        return {**base, "architectures": ["Qwen3DSparkModel"], "num_hidden_layers": n,
+                "num_target_layers": base["num_hidden_layers"], "block_size": cfg.get("block_size", 7),
+                "target_layer_ids": cfg["target_layer_ids"],
+                # a target without a reserved mask token: the last id, recorded in the config
+                "mask_token_id": int(base["vocab_size"] - 1 if mask_id is None else mask_id),
+                "num_anchors": cfg.get("num_anchors", 512), "layer_types": ["full_attention"] * n,
+                "tie_word_embeddings": False, **cls.head_config(cfg),
+                # nanospec's own fields (DeepSpec ignores them)
+                "draft_vocab_size": cfg.get("draft_vocab_size", 0), "loss_decay_gamma": cfg.get("loss_decay_gamma", 4.0),
+                "nanospec": {"drafter": cls.kind, "version": 1,
+                             "target_name": cfg.get("target_name", getattr(target, "name", ""))}}
+
+    @classmethod
+    def check_checkpoint(cls, config, path):
+        if cls.kind == "dflash" and (config.get("markov_rank") or config.get("enable_confidence_head")):
+            raise ValueError(f"{path} is a DSpark checkpoint (markov_rank={config.get('markov_rank')}, "
+                             f"confidence head={config.get('enable_confidence_head')}): load it with DSpark")
 
     # --- the backbone -------------------------------------------------------------------------
-
-    def head_weight(self):
-        """Draft head [Vd, H]: the target lm_head, or its rows d2t for a reduced draft vocabulary."""
-        return self.lm_head.weight if self.d2t is None else self.lm_head.weight[self.d2t]
 
     def context_kv(self, taps, pos):
         """Target features taps [S, n*H] at positions pos [S] -> per layer (keys, values) [S, nkv, hd]."""
@@ -262,16 +369,6 @@ class DFlash(nn.Module):
         see_blk = qblk[:, None] == qblk[None]  # [Q, Q]: own block, bidirectional
         mask = torch.cat([see_ctx, see_blk], 1)
         return self.backbone(ids.flatten(), qpos.flatten(), ctx, mask).view(len(seq), K, -1)
-
-    def teacher_logits(self, h, prev):
-        """Draft logits [..., Vd] of hidden h [..., H]; prev = x_{k-1} is for DSpark's Markov head."""
-        return h @ self.head_weight().T
-
-    def block_logits(self, input_ids, taps, seq, pos):
-        """Teacher-forced draft logits [NB, K, Vd] of the blocks at anchors (seq, pos) (tests, analysis)."""
-        K, T = self.block_size, input_ids.shape[1]
-        prev = input_ids[seq[:, None], (pos[:, None] + torch.arange(K, device=pos.device)).clamp(max=T - 1)]
-        return self.teacher_logits(self.block_hidden(input_ids, taps, seq, pos), prev)
 
     def forward(self, batch, generators=None):
         """Training step (batch contract of DESIGN.md) -> (weighted loss SUM, metrics of sums)."""
@@ -372,14 +469,6 @@ class DFlash(nn.Module):
     def slot_confidence(self, h, toks):  # DFlash has no confidence head
         return None
 
-    def to_full(self, p):
-        """Draft-vocab distributions [..., Vd] -> full vocabulary [..., V] (zero outside the draft vocab)."""
-        if self.d2t is None:
-            return p
-        out = p.new_zeros(*p.shape[:-1], self.lm_head.weight.shape[0])
-        out[..., self.d2t] = p
-        return out
-
     @torch.no_grad()
     def propose(self, state, anchor, k, temperature=0.0, top_k=0, top_p=1.0, generator=None, stop_ids=None):
         """Chain of k draft tokens [k], the full-vocab distributions they were drawn from [k, V], conf (None).
@@ -405,56 +494,3 @@ class DFlash(nn.Module):
         h, U = self._block(state, anchor, 1 + max(map(len, paths), default=0))
         z = torch.stack([self.slot_logits(h, U, [int(anchor), *map(int, path)]) for path in paths])
         return self.to_full(kernels.logits_to_probs(z, temperature, top_k, top_p))
-
-    # --- reduced draft vocabulary -------------------------------------------------------------
-
-    def set_draft_vocab(self, token_ids):
-        """Restrict the draft head to token_ids (e.g. the most frequent answer tokens): d2t[i] = target id."""
-        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.lm_head.weight.device)
-        if len(ids.unique()) != len(ids) or ids.min() < 0 or ids.max() >= self.lm_head.weight.shape[0]:
-            raise ValueError("set_draft_vocab: token ids must be distinct target ids")
-        self.d2t = ids
-        self.config["draft_vocab_size"] = len(ids)
-
-    # --- checkpoints (DeepSpec layout: config.json + model.safetensors, keys without prefix) ----
-
-    def save_pretrained(self, path, include_frozen=True):
-        """Write config.json + model.safetensors atomically (tmp file + os.replace); include_frozen=False
-        omits embed_tokens/lm_head (re-tied from the target by from_pretrained)."""
-        os.makedirs(path, exist_ok=True)
-        sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
-              if include_frozen or k not in FROZEN}
-        save_file(sd, os.path.join(path, "model.safetensors.tmp"), metadata={"format": "pt"})
-        os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
-        with open(os.path.join(path, "config.json.tmp"), "w") as f:
-            json.dump(self.config, f, indent=2, default=str)
-        os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
-
-    @classmethod
-    def from_pretrained(cls, path, target=None):
-        """Load ours or DeepSpec's checkpoint (a folder, or a hub id: downloaded, untested here) in fp32."""
-        if not os.path.isdir(path):
-            from huggingface_hub import snapshot_download  # hub ids only (no network in CI)
-            path = snapshot_download(path)
-        with open(os.path.join(path, "config.json")) as f:
-            config = json.load(f)
-        if cls.kind == "dflash" and (config.get("markov_rank") or config.get("enable_confidence_head")):
-            raise ValueError(f"{path} is a DSpark checkpoint (markov_rank={config.get('markov_rank')}, "
-                             f"confidence head={config.get('enable_confidence_head')}): load it with DSpark")
-        with torch.device("meta"):
-            model = cls(config)
-        sd = load_file(os.path.join(path, "model.safetensors"))
-        expected = set(model.state_dict())
-        missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
-        if set(missing) - set(FROZEN) or unexpected:
-            raise ValueError(f"{path}: checkpoint does not match {cls.__name__}({config.get('markov_head_type', '')}):"
-                             f" missing keys {missing}, unexpected keys {unexpected}")
-        if missing:  # saved with include_frozen=False: re-tie the frozen embedding and head
-            if target is None:
-                raise ValueError(f"{path} omits {missing} (saved with include_frozen=False): pass target=")
-            sd["embed_tokens.weight"], sd["lm_head.weight"] = target.embed_weight, target.lm_head_weight
-        sd = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v for k, v in sd.items()}
-        model.load_state_dict(sd, assign=True)
-        model.embed_tokens.weight.requires_grad_(False)
-        model.lm_head.weight.requires_grad_(False)
-        return model

@@ -58,6 +58,10 @@ class DSpark(DFlash):
             self.confidence_head.proj = nn.Linear(H + (r if self.with_markov else 0), 1)  # w of eq. (7)
             self.confidence_head.apply(init_weights)
 
+    @property
+    def has_confidence(self):  # propose returns the confidences c_k of eq. (7) (scheduler.py needs them)
+        return self.confidence_head is not None
+
     @staticmethod
     def head_config(cfg):  # defaults: a vanilla Markov head of rank 256 and a confidence head on [h ; W1[x]]
         r, conf = cfg.get("markov_rank", 256), cfg.get("enable_confidence_head", True)
@@ -99,11 +103,6 @@ class DSpark(DFlash):
         """Confidence logit of eq. (7): proj([h_k ; W1[x_{k-1}]]) (or proj(h_k) without the Markov feature)."""
         x = torch.cat([h, self.markov_head.markov_w1(prev).to(h.dtype)], -1) if self.with_markov else h
         return self.confidence_head.proj(x).squeeze(-1)
-
-    def teacher_logits(self, h, prev):
-        """U_k + B_k with the ground-truth previous tokens (eq. 4, teacher forced) -> [..., K, Vd]."""
-        U = super().teacher_logits(h, prev)
-        return U if self.markov_head is None else U + self.markov_head.markov_w2(self.markov_factor(prev, h))
 
     # --- training loss --------------------------------------------------------------------------
 

@@ -30,48 +30,17 @@ temporary tensors), so commit has no speculative entry to crop and only extends.
 Optional reduced draft vocabulary (EAGLE-3's recipe, not DeepSpec's): buffer `d2t` [Vd] holds the
 absolute target ids (EAGLE-3's own files store offsets d2t[i] = id - i); the draft head is
 lm_head.weight[d2t] and draft distributions are scattered back to the full vocabulary.
+Everything but the layer, the TTT loss and the draft cache comes from model_dflash.py: the building blocks
+(RMSNorm, Attention, MLP, RoPE) and DraftModel (construction, reduced vocabulary, checkpoints).
 """
-import json
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 import kernels
+from model_dflash import MLP, Attention, DraftModel, RMSNorm, check_supported, init_weights, rope_cos_sin
 
 ARCHITECTURES = ("Qwen3Eagle3Model", "Eagle3DraftModel")  # ours first; DeepSpec accepts the alias too
-FROZEN = ("embed_tokens.weight", "lm_head.weight")
-DEFAULTS = dict(target_layer_ids=None, num_draft_layers=1, ttt_length=7, step_loss_decay=0.8,
-                draft_vocab_size=0, target_name="")
-# drafter config keys of the shared contract that Eagle3 accepts and ignores
-IGNORED = ("block_size", "mask_token_id", "markov_rank", "markov_head_type", "enable_confidence_head",
-           "loss_decay_gamma", "num_anchors")
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        xf = x.float()  # normalize in fp32, scale in the input dtype (Qwen3)
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
-def rope(pos, head_dim, theta, dtype):
-    """pos [..., T] -> cos, sin [..., 1, T, hd] (HF rotate-half layout, broadcast over heads)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)
-    ang = pos.float()[..., None] * inv_freq  # [..., T, hd/2]
-    ang = torch.cat([ang, ang], -1).unsqueeze(-3)  # [..., 1, T, hd]
-    return ang.cos().to(dtype), ang.sin().to(dtype)
-
-
-def apply_rope(x, cos, sin):
-    x1, x2 = x.chunk(2, -1)
-    return x * cos + torch.cat([-x2, x1], -1) * sin  # rotate each (x1, x2) pair by its angle
 
 
 def shift(x, n):
@@ -108,135 +77,88 @@ def ttt_attention(q, ks, vs):
     return out
 
 
-class Attention(nn.Module):
-    def __init__(self, H, n_head, n_kv_head, head_dim, eps):
-        super().__init__()
-        self.head_dim = head_dim
-        self.q_proj = nn.Linear(2 * H, n_head * head_dim, bias=False)  # input is [embed ; hidden], 2H
-        self.k_proj = nn.Linear(2 * H, n_kv_head * head_dim, bias=False)
-        self.v_proj = nn.Linear(2 * H, n_kv_head * head_dim, bias=False)
-        self.o_proj = nn.Linear(n_head * head_dim, H, bias=False)
-        self.q_norm = RMSNorm(head_dim, eps)  # Qwen3: per-head RMSNorm on q and k
-        self.k_norm = RMSNorm(head_dim, eps)
-
-
-class MLP(nn.Module):
-    def __init__(self, H, I):
-        super().__init__()
-        self.gate_proj = nn.Linear(H, I, bias=False)
-        self.up_proj = nn.Linear(H, I, bias=False)
-        self.down_proj = nn.Linear(I, H, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
-
-
 class Layer(nn.Module):
-    """The Eagle3 decoder layer; `attend(q, k, v) -> [B,nh,T,hd]` supplies the cache and the mask."""
+    """The Eagle3 decoder layer, in two halves around the attention, whose keys and mask the caller owns
+    (TTT's diagonal pattern in training, the draft KV cache in decoding)."""
 
-    def __init__(self, H, n_head, n_kv_head, head_dim, I, eps):
+    def __init__(self, H, nh, nkv, hd, I, eps):
         super().__init__()
         self.hidden_norm = RMSNorm(H, eps)
         self.input_layernorm = RMSNorm(H, eps)
         self.post_attention_layernorm = RMSNorm(H, eps)
-        self.self_attn = Attention(H, n_head, n_kv_head, head_dim, eps)
+        self.self_attn = Attention(H, nh, nkv, hd, eps, in_dim=2 * H)  # input is [embed ; hidden], 2H
         self.mlp = MLP(H, I)
 
-    def forward(self, e, h, cos, sin, attend):  # e, h [B,T,H]
-        B, T, _ = h.shape
-        a, hd = self.self_attn, self.self_attn.head_dim
-        x = torch.cat([self.input_layernorm(e), self.hidden_norm(h)], -1)  # [B,T,2H]
-        q = a.q_norm(a.q_proj(x).view(B, T, -1, hd)).transpose(1, 2)  # [B,nh,T,hd]
-        k = a.k_norm(a.k_proj(x).view(B, T, -1, hd)).transpose(1, 2)  # [B,nkv,T,hd]
-        v = a.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
-        o = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
-        h = h + a.o_proj(o.transpose(1, 2).reshape(B, T, -1))  # residual = the feature h, not x
+    def qkv(self, e, h, cos, sin):
+        """Embeddings e, features h [B,T,H] -> rotated q [B,nh,T,hd], k and v [B,nkv,T,hd] of a_t."""
+        x = torch.cat([self.input_layernorm(e), self.hidden_norm(h)], -1)  # a_t [B,T,2H]
+        q, (k, v) = self.self_attn.q(x, cos, sin), self.self_attn.kv(x, cos, sin)  # [B,T,heads,hd]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def out(self, h, o):
+        """Features h [B,T,H], attention output o [B,nh,T,hd] -> the layer's output g [B,T,H]."""
+        h = h + self.self_attn.o_proj(o.transpose(1, 2).flatten(2))  # residual = the feature h, not a_t
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Eagle3(nn.Module):
+class Eagle3(DraftModel):
+    kind = "eagle3"
     normalize_over_ranks = False  # train.py divides the loss by metrics["weight"] = B*T of this rank's micro-batch
 
     def __init__(self, config):
-        """config: the checkpoint's config.json dict (target config fields + Eagle3 fields)."""
+        """config: the dict of config.json (target fields + Eagle3 fields), see draft_config."""
         super().__init__()
         c = self.config = dict(config)
-        H, V = c["hidden_size"], c["vocab_size"]
-        n_head = c["num_attention_heads"]
-        n_kv_head = c.get("num_key_value_heads") or n_head
-        self.head_dim = c.get("head_dim") or H // n_head
+        check_supported(c)
+        H, V, nh = c["hidden_size"], c["vocab_size"], c["num_attention_heads"]
+        nkv = c.get("num_key_value_heads") or nh
+        self.hd = c.get("head_dim") or H // nh
         eps = c.get("rms_norm_eps", 1e-6)
-        rp = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers 5 / 4 spelling
-        if rp.get("rope_type", rp.get("type", "default")) != "default" or c.get("hidden_act", "silu") != "silu":
-            raise NotImplementedError(f"Eagle3 supports default RoPE and SiLU only, got {rp} / {c.get('hidden_act')}")
-        self.rope_theta = float(c.get("rope_theta") or rp.get("rope_theta") or 10000.0)
-        self.layer_ids = [int(i) for i in c["target_layer_ids"]]
         self.ttt_length, self.step_loss_decay = int(c["ttt_length"]), float(c["step_loss_decay"])
-        n_layers = int(c.get("draft_num_hidden_layers") or c.get("num_hidden_layers") or 1)
-        self.embed_tokens = nn.Embedding(V, H)  # frozen, copied from the target
-        self.fc = nn.Linear(len(self.layer_ids) * H, H, bias=False)  # n*H tapped features -> H
-        self.layers = nn.ModuleList(Layer(H, n_head, n_kv_head, self.head_dim, c["intermediate_size"], eps)
-                                    for _ in range(n_layers))
+        n = int(c.get("draft_num_hidden_layers") or c.get("num_hidden_layers") or 1)
+        self.embed_tokens = nn.Embedding(V, H)  # frozen target embedding
+        self.fc = nn.Linear(len(c["target_layer_ids"]) * H, H, bias=False)  # n*H tapped features -> H
+        self.layers = nn.ModuleList(Layer(H, nh, nkv, self.hd, c["intermediate_size"], eps) for _ in range(n))
         self.norm = RMSNorm(H, eps)
-        self.lm_head = nn.Linear(H, V, bias=False)  # frozen, copied from the target
-        for m in self.modules():  # HF init: N(0, 0.02) linears, norms at 1
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=c.get("initializer_range", 0.02))
+        self.lm_head = nn.Linear(H, V, bias=False)  # frozen target head
+        vd = c.get("draft_vocab_size") or 0  # 0 = full vocabulary (DeepSpec)
+        self.register_buffer("d2t", torch.arange(vd) if vd else None)  # placeholder until set_draft_vocab
+        self.apply(init_weights)
         self.embed_tokens.weight.requires_grad_(False)
         self.lm_head.weight.requires_grad_(False)
-        Vd = int(c.get("draft_vocab_size") or 0)  # 0 = full vocabulary (DeepSpec)
-        self.register_buffer("d2t", torch.arange(Vd) if Vd else None)  # ids set by set_draft_vocab
 
-    # --- construction ---------------------------------------------------------
+    @property
+    def proposal_length(self):  # drafts proposed per round by default: one TTT unroll
+        return self.ttt_length
 
     @classmethod
-    def from_target(cls, target, **cfg):
-        """target: a target.Target (frozen embed/head copied) or a bare HF config (weights at init)."""
-        unknown = set(cfg) - set(DEFAULTS) - set(IGNORED)
-        if unknown:
-            raise TypeError(f"Eagle3.from_target: unknown config keys {sorted(unknown)}; "
-                            f"valid: {sorted(DEFAULTS) + sorted(IGNORED)}")
-        o = {**DEFAULTS, **{k: v for k, v in cfg.items() if k in DEFAULTS}}
-        is_target = hasattr(target, "lm_head_weight")
-        tc = target.config if is_target else target
-        c = {k: v for k, v in tc.to_dict().items() if k not in ("architectures", "auto_map", "_name_or_path")}
-        L = c["num_hidden_layers"]
-        ids = o["target_layer_ids"] or (target.layer_ids if is_target else
-                                        [int(1 + k * (L - 4) / 4 + 0.5) for k in range(5)])  # REFERENCE s.1
-        n = int(o["num_draft_layers"])
+    def draft_config(cls, target, base, cfg):
+        """config.json of a new drafter: the target's config `base` plus DeepSpec's Eagle3 fields."""
+        c = {k: v for k, v in base.items() if k not in ("architectures", "auto_map", "_name_or_path")}
+        n = int(cfg.get("num_draft_layers", 1))
+        name = cfg.get("target_name") or getattr(target, "name", base.get("_name_or_path", ""))
         c.update(architectures=[ARCHITECTURES[0]], num_hidden_layers=n, draft_num_hidden_layers=n,
-                 num_target_layers=L, target_layer_ids=[int(i) for i in ids], ttt_length=int(o["ttt_length"]),
-                 step_loss_decay=float(o["step_loss_decay"]), draft_vocab_size=int(o["draft_vocab_size"]),
-                 target_model_name_or_path=o["target_name"] or (target.name if is_target else
-                                                                getattr(tc, "_name_or_path", "")),
+                 num_target_layers=base["num_hidden_layers"], target_layer_ids=cfg["target_layer_ids"],
+                 ttt_length=int(cfg.get("ttt_length", 7)), step_loss_decay=float(cfg.get("step_loss_decay", 0.8)),
+                 draft_vocab_size=int(cfg.get("draft_vocab_size", 0)), target_model_name_or_path=name,
                  tie_word_embeddings=False)
         if "layer_types" in c:
             c["layer_types"] = ["full_attention"] * n
-        model = cls(c)
-        if is_target:
-            model.copy_frozen_from(target)
-        return model
+        return c
 
-    @torch.no_grad()
-    def copy_frozen_from(self, target):
-        """Copy (re-tie) the frozen embedding and lm_head from a target.Target."""
-        for p, w in ((self.embed_tokens.weight, target.embed_weight), (self.lm_head.weight, target.lm_head_weight)):
-            if p.shape != w.shape:
-                raise ValueError(f"target {target.name} has {tuple(w.shape)} embed/lm_head, drafter expects "
-                                 f"{tuple(p.shape)}: load the drafter with the target it was trained for")
-            p.copy_(w)
+    @classmethod
+    def check_checkpoint(cls, config, path):
+        if (config.get("architectures") or [None])[0] not in ARCHITECTURES:
+            raise ValueError(f"{path}: architectures {config.get('architectures')} is not an Eagle3 checkpoint "
+                             f"(expected one of {list(ARCHITECTURES)}); load it with its own drafter class")
 
-    @torch.no_grad()
-    def set_draft_vocab(self, ids):
-        """Reduced vocab: ids [Vd] = the target ids the drafter may propose (train.py: most frequent)."""
-        if self.d2t is None or ids.shape != self.d2t.shape:
-            raise ValueError(f"set_draft_vocab: {tuple(ids.shape)} ids for draft_vocab_size "
-                             f"{self.config.get('draft_vocab_size')}; build with draft_vocab_size=len(ids)")
-        self.d2t.copy_(ids.sort().values)
+    def set_draft_vocab(self, token_ids):
+        """As DFlash, in increasing order (EAGLE-3's own files store d2t as offsets id - i)."""
+        super().set_draft_vocab(torch.as_tensor(token_ids).sort().values)
 
-    def draft_head(self):
-        """[Vd, H]: the rows of the frozen target lm_head the drafter scores (all V by default)."""
-        return self.lm_head.weight if self.d2t is None else self.lm_head.weight[self.d2t]
+    def draft_logits(self, h):
+        """Layer outputs h [N, H] (before the final norm) -> draft logits [N, Vd] fp32."""
+        return F.linear(self.norm(h), self.head_weight()).float()
 
     # --- training: the TTT unroll and its loss ----------------------------------
 
@@ -248,33 +170,31 @@ class Eagle3(nn.Module):
         h = self.fc(taps.to(self.fc.weight.dtype))  # [B,T,H] step-0 feature h_t
         e = self.embed_tokens(input_ids)  # [B,T,H]
         pos = torch.arange(T, device=input_ids.device)
-        caches = [[] for _ in self.layers]  # per layer: the (K, V) of each step so far
+        ks, vs = [[] for _ in self.layers], [[] for _ in self.layers]  # per layer: the keys/values of each step so far
         outs = []
         for k in range(steps or self.ttt_length):
-            cos, sin = rope(pos + k, self.head_dim, self.rope_theta, h.dtype)  # RoPE position t + k
+            cos, sin = rope_cos_sin(self.config, pos + k, self.hd)  # RoPE position t + k
+            cos, sin = cos.to(h.dtype), sin.to(h.dtype)  # in the features' dtype (bf16 under autocast), as HF's rotary
             ek = shift(e, k + 1)  # step k reads token x_{t+k+1}
-            for layer, cache in zip(self.layers, caches):
-                def attend(q, kk, vv, cache=cache):
-                    cache.append((kk, vv))  # this step's keys join the diagonal
-                    return ttt_attention(q, [a for a, _ in cache], [b for _, b in cache])
-                h = layer(ek, h, cos, sin, attend)  # the output feeds the next layer / next step
+            for i, layer in enumerate(self.layers):
+                q, key, value = layer.qkv(ek, h, cos, sin)
+                ks[i].append(key)  # this step's keys join the diagonal
+                vs[i].append(value)
+                h = layer.out(h, ttt_attention(q, ks[i], vs[i]))  # the output feeds the next layer / next step
             outs.append(h)
         return outs
 
     def forward(self, batch, generators=None):
         """Training: batch dict (contract) -> (loss_sum, metrics); metrics["weight"] = B*T is the loss's
         denominator (DeepSpec's local mean over the micro-batch, REFERENCE s.4). Eagle3 draws nothing random."""
-        ids, loss_mask = batch["input_ids"], batch["loss_mask"]
-        last_hidden = batch["last_hidden"]
+        ids, loss_mask, last_hidden = batch["input_ids"], batch["loss_mask"], batch["last_hidden"]
         B, T = ids.shape
         lengths = batch["lengths"] if "lengths" in batch else torch.full((B,), T, device=ids.device)
-        W = self.draft_head()  # [Vd, H]
-        K = self.ttt_length
-        outs = self.unroll(ids, batch["taps"])
-        loss = W.new_zeros((), dtype=torch.float32)
-        z = lambda: torch.zeros(K, device=W.device)  # noqa: E731
-        m = {"weight": float(B * T), "ce": 0.0, "slot_count": z(), "slot_top1": z(), "slot_accept": z()}  # sums
-        for k, h in enumerate(outs):
+        W, K = self.head_weight(), self.ttt_length  # W [Vd, H]
+        loss, ce_sum = W.new_zeros((), dtype=torch.float32), 0.0
+        count = torch.zeros(K, device=W.device)  # per-step sums: supervised rows, top-1 matches, 1 - L1/2
+        top1, accept = torch.zeros_like(count), torch.zeros_like(count)
+        for k, h in enumerate(self.unroll(ids, batch["taps"])):
             sup = supervised(loss_mask, lengths, k)  # [B,T]
             hd = self.norm(h[sup])  # [N,H] supervised draft rows only
             ht = shift(last_hidden, k + 1)[sup]  # [N,H] target state last_hidden[t+k+1]
@@ -282,12 +202,12 @@ class Eagle3(nn.Module):
             ce, l1, am_d, am_t = kernels.fused_soft_ce(hd, ht, W, return_stats=True)
             w = self.step_loss_decay ** k  # paper/DeepSpec step weight 0.8^k
             loss = loss + w * ce.sum()
-            m["ce"] += w * ce.detach().sum()
-            m["slot_count"][k] = ce.numel()
-            m["slot_top1"][k] = (am_d == am_t).sum()  # draft argmax == target argmax
-            m["slot_accept"][k] = (1 - l1 / 2).clamp(0, 1).sum()  # analytic acceptance = sum_v min(p_d, p_t)
-        m = {k: torch.as_tensor(v, dtype=torch.float32, device=W.device).detach() for k, v in m.items()}
-        return loss, m
+            ce_sum += w * ce.detach().sum()
+            count[k] = ce.numel()
+            top1[k] = (am_d == am_t).sum()  # draft argmax == target argmax
+            accept[k] = (1 - l1 / 2).clamp(0, 1).sum()  # analytic acceptance = sum_v min(p_d, p_t)
+        m = {"weight": float(B * T), "ce": ce_sum, "slot_count": count, "slot_top1": top1, "slot_accept": accept}
+        return loss, {k: torch.as_tensor(v, dtype=torch.float32, device=W.device).detach() for k, v in m.items()}
 
     # --- decoding: draft KV cache, chains and trees -----------------------------
 
@@ -296,25 +216,16 @@ class Eagle3(nn.Module):
         [1,nkv,S,hd]; mask [N, S+N] bool (True = visible) or None (all visible).
         -> (output hidden [N,H], the new per-layer (K, V) [1,nkv,N,hd])."""
         e, h = self.embed_tokens(ids)[None], h[None]  # batch of 1: [1,N,H]
-        cos, sin = rope(pos, self.head_dim, self.rope_theta, h.dtype)
+        cos, sin = rope_cos_sin(self.config, pos, self.hd)
+        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         new = []
         for layer, (pk, pv) in zip(self.layers, past):
-            def attend(q, k, v, pk=pk, pv=pv):
-                new.append((k, v))
-                return F.scaled_dot_product_attention(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2),
-                                                      attn_mask=mask, enable_gqa=True)
-            h = layer(e, h, cos, sin, attend)
+            q, k, v = layer.qkv(e, h, cos, sin)
+            new.append((k, v))
+            o = F.scaled_dot_product_attention(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=mask,
+                                               enable_gqa=True)
+            h = layer.out(h, o)
         return h[0], new
-
-    def _probs(self, h, temperature, top_k, top_p):
-        """h [N,H] -> full-vocab probs [N,V] (zero outside a reduced vocab) and draft-vocab probs [N,Vd]."""
-        logits = F.linear(self.norm(h), self.draft_head()).float()  # [N,Vd]
-        p = kernels.logits_to_probs(logits, temperature, top_k, top_p)
-        if self.d2t is None:
-            return p, p
-        full = p.new_zeros(p.shape[0], self.lm_head.weight.shape[0])
-        full[:, self.d2t] = p  # scatter back to target ids
-        return full, p
 
     @staticmethod
     def _append(past, new):
@@ -336,9 +247,7 @@ class Eagle3(nn.Module):
     @torch.no_grad()
     def start(self, prompt_ids, taps):
         """After the target's prefill: cache pairs (taps[t], x_{t+1}) for t < T-1; taps[T-1] pends."""
-        p = self.fc.weight
-        n_kv = self.layers[0].self_attn.k_proj.weight.shape[0] // self.head_dim
-        empty = p.new_zeros(1, n_kv, 0, self.head_dim)
+        empty = self.fc.weight.new_zeros(1, self.layers[0].self_attn.nkv, 0, self.hd)
         state = {"kv": [(empty, empty)] * len(self.layers), "pending": None}
         self._extend(state, taps[:-1], prompt_ids[1:])
         state["pending"] = taps[-1]
@@ -367,11 +276,11 @@ class Eagle3(nn.Module):
         for j in range(k):
             h, new = self._run(past, tok, h, torch.tensor([S + j], device=dev), None)  # sees all cached keys
             past = self._append(past, new)
-            full, p = self._probs(h, temperature, top_k, top_p)
+            p = kernels.logits_to_probs(self.draft_logits(h), temperature, top_k, top_p)  # [1, Vd]
             idx = p.argmax(-1) if temperature == 0 else torch.multinomial(p, 1, generator=generator)[:, 0]
             tok = idx if self.d2t is None else self.d2t[idx]  # draft id -> target id
             tokens.append(tok)
-            probs.append(full)
+            probs.append(self.to_full(p))
             if stop and int(tok) in stop:  # a drafted end of turn: later drafts could never be committed
                 break
         return torch.cat(tokens), torch.cat(probs), None
@@ -414,49 +323,4 @@ class Eagle3(nn.Module):
             for i, o in zip(level, out):
                 hid[i] = o
         h = torch.stack([hid[index[tuple(int(x) for x in p)]] for p in paths])  # [N,H]
-        return self._probs(h, temperature, top_k, top_p)[0]
-
-    # --- checkpoints (DeepSpec layout, REFERENCE s.5) ---------------------------
-
-    def save_pretrained(self, path, include_frozen=True):
-        """config.json + model.safetensors; each written to a tmp file then os.replace'd (atomic)."""
-        os.makedirs(path, exist_ok=True)
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
-              if include_frozen or k not in FROZEN}
-        tmp = os.path.join(path, f".model.safetensors.{os.getpid()}.tmp")
-        save_file(sd, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(path, "model.safetensors"))
-        tmp = os.path.join(path, f".config.json.{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.config, f, indent=2, default=str)
-        os.replace(tmp, os.path.join(path, "config.json"))
-
-    @classmethod
-    def from_pretrained(cls, path, target=None):
-        """Load ours or DeepSpec's Eagle3 checkpoint (local dir or hub id); frozen embed/head omitted
-        from the file are re-tied from `target`."""
-        if not os.path.isdir(path):  # hub id (untested here: no network)
-            from huggingface_hub import snapshot_download
-            path = snapshot_download(path, allow_patterns=["config.json", "*.safetensors"])
-        with open(os.path.join(path, "config.json")) as f:
-            c = json.load(f)
-        arch = (c.get("architectures") or [None])[0]
-        if arch not in ARCHITECTURES:
-            raise ValueError(f"{path}: architectures {c.get('architectures')} is not an Eagle3 checkpoint "
-                             f"(expected one of {list(ARCHITECTURES)}); load it with its own drafter class")
-        if "text_config" in c or str(c.get("model_type", "")).startswith("gemma"):
-            raise NotImplementedError(f"{path}: Gemma Eagle3 checkpoints are not supported (Qwen3-style layer only)")
-        model = cls(c)
-        sd = load_file(os.path.join(path, "model.safetensors"))
-        expected = set(model.state_dict())
-        omitted = [k for k in FROZEN if k not in sd]
-        missing = sorted(expected - set(sd) - set(omitted if target is not None else ()))
-        unexpected = sorted(set(sd) - expected)
-        if missing or unexpected:
-            hint = " (saved with include_frozen=False: pass target=...)" if set(omitted) & set(missing) else ""
-            raise ValueError(f"{path}: checkpoint does not match Eagle3: missing keys {missing}{hint}, "
-                             f"unexpected keys {unexpected}")
-        model.load_state_dict(sd, strict=False)
-        if omitted:
-            model.copy_frozen_from(target)
-        return model
+        return self.to_full(kernels.logits_to_probs(self.draft_logits(h), temperature, top_k, top_p))

@@ -1,7 +1,7 @@
 """model_dflash.py: shapes, no leakage, overfitting, checkpoints (ours and DeepSpec's layout), decoding.
 
-Helpers without the test_ prefix (tiny_batch, greedy_batch, reference_checkpoint, functional_block)
-are shared with tests/test_dspark.py.
+Helpers without the test_ prefix (tiny_batch, greedy_batch, reference_checkpoint, functional_block,
+block_logits) are shared with tests/test_dspark.py.
 """
 import json
 import os
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from model_dflash import DFlash
+from helpers import sharpened_target
 from target import load_target
 
 TINY = ["tiny-qwen3", "tiny-llama"]
@@ -73,7 +74,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def tq():
-    return load_target("tiny-qwen3", sharpen=20.0)
+    return sharpened_target("tiny-qwen3", 20.0)
 
 
 # -----------------------------------------------------------------------------
@@ -162,9 +163,21 @@ def functional_block(sd, taps, ids, p):
     return h, h @ sd["lm_head.weight"].T
 
 
+def block_logits(model, input_ids, taps, seq, pos):
+    """Teacher-forced draft logits [NB, K, Vd] of the blocks at anchors (seq, pos), through the training path:
+    U_k = lm_head(h_k), plus for DSpark the bias B_k = W2 A_k of the ground-truth previous tokens (eq. 4)."""
+    K, T = model.block_size, input_ids.shape[1]
+    prev = input_ids[seq[:, None], (pos[:, None] + torch.arange(K, device=pos.device)).clamp(max=T - 1)]
+    h = model.block_hidden(input_ids, taps, seq, pos)  # [NB, K, H]
+    U = h @ model.head_weight().T
+    if getattr(model, "markov_head", None) is None:
+        return U
+    return U + model.markov_head.markov_w2(model.markov_factor(prev, h))
+
+
 def one_block(model, ids, taps, p):
     """Teacher-forced logits [K, Vd] of a single block at anchor p through the training path."""
-    return model.block_logits(ids[None], taps[None], torch.tensor([0]), torch.tensor([p]))[0]
+    return block_logits(model, ids[None], taps[None], torch.tensor([0]), torch.tensor([p]))[0]
 
 
 # -----------------------------------------------------------------------------
@@ -218,7 +231,7 @@ def test_no_leakage(tq):
     batch = tiny_batch(tq, [30, 26])
     ids, taps = batch["input_ids"].clone(), batch["taps"].clone()
     seq, pos = torch.tensor([0, 0, 0, 1]), torch.tensor([7, 12, 20, 9])
-    ref = model.block_logits(ids, taps, seq, pos)
+    ref = block_logits(model, ids, taps, seq, pos)
     g = torch.Generator().manual_seed(1)
     for i in range(len(seq)):
         b, p = int(seq[i]), int(pos[i])
@@ -229,18 +242,18 @@ def test_no_leakage(tq):
         for j in range(len(seq)):  # every other block's anchor token
             if j != i:
                 i2[seq[j], pos[j]] = (i2[seq[j], pos[j]] + 1) % 256
-        out = model.block_logits(i2, t2, seq, pos)
+        out = block_logits(model, i2, t2, seq, pos)
         torch.testing.assert_close(out[i], ref[i], rtol=0, atol=1e-6)
     t2 = taps.clone()
     t2[0, 11] += 1.0  # strictly before the anchor at 12: must be seen
-    assert not torch.allclose(model.block_logits(ids, t2, seq, pos)[1], ref[1])
+    assert not torch.allclose(block_logits(model, ids, t2, seq, pos)[1], ref[1])
 
 
 def test_overfit_one_batch():
     """DFlash overfits one batch of a sharpened target: CE to the labels and the L1 distance to the
     target distribution fall by 10x (labels are the target's greedy tokens, so both can)."""
     torch.manual_seed(0)
-    t = load_target("tiny-qwen3", sharpen=200.0)  # p_top ~0.93: a CE-trained draft can reach L1 ~0.13
+    t = sharpened_target("tiny-qwen3", 200.0)  # p_top ~0.93: a CE-trained draft can reach L1 ~0.13
     batch = greedy_batch(t, n_seq=1, gen=24)
     model = DFlash.from_target(t, num_draft_layers=2)
     (ce0, l10), (ce1, l11) = overfit(model, batch, steps=240, lr=2e-3)

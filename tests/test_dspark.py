@@ -8,8 +8,10 @@ from safetensors.torch import load_file
 
 from model_dflash import DFlash
 from model_dspark import DSpark
+from helpers import sharpened_target
 from target import load_target
-from test_dflash import GEOM, functional_block, gens, greedy_batch, one_block, overfit, reference_checkpoint, tiny_batch
+from test_dflash import (GEOM, block_logits, functional_block, gens, greedy_batch, one_block, overfit,
+                         reference_checkpoint, tiny_batch)
 
 HEADS = ["vanilla", "gated", "rnn"]
 
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def tq():
-    return load_target("tiny-qwen3", sharpen=20.0)
+    return sharpened_target("tiny-qwen3", 20.0)
 
 
 def dspark(target, head="vanilla", **kw):
@@ -80,7 +82,7 @@ def test_shapes_loss_and_keys(name, head):
 def test_overfit_one_batch():
     """DSpark overfits one batch of a sharpened target: CE to the labels and the L1 distance to the
     target distribution both fall by 10x."""
-    t = load_target("tiny-qwen3", sharpen=200.0)
+    t = sharpened_target("tiny-qwen3", 200.0)
     batch = greedy_batch(t, n_seq=1, gen=24)
     torch.manual_seed(0)
     model = DSpark.from_target(t, num_draft_layers=2, markov_rank=16)
@@ -115,12 +117,12 @@ def test_rnn_state_resets_per_block(tq):
     model = dspark(tq, "rnn")
     batch = tiny_batch(tq, [30])
     ids, taps = batch["input_ids"], batch["taps"]
-    both = model.block_logits(ids, taps, torch.tensor([0, 0]), torch.tensor([7, 16]))
-    alone = model.block_logits(ids, taps, torch.tensor([0]), torch.tensor([16]))
+    both = block_logits(model, ids, taps, torch.tensor([0, 0]), torch.tensor([7, 16]))
+    alone = block_logits(model, ids, taps, torch.tensor([0]), torch.tensor([16]))
     torch.testing.assert_close(both[1], alone[0], rtol=1e-5, atol=1e-5)  # other shapes: rounding only
     i2 = ids.clone()
     i2[0, 8:15] = (i2[0, 8:15] + 5) % 256  # the first block's tokens (its teacher-forced inputs)
-    out = model.block_logits(i2, taps, torch.tensor([0, 0]), torch.tensor([7, 16]))
+    out = block_logits(model, i2, taps, torch.tensor([0, 0]), torch.tensor([7, 16]))
     assert not torch.allclose(out[0], both[0], atol=1e-4)
     torch.testing.assert_close(out[1], both[1], rtol=0, atol=1e-6)
     h = model.block_hidden(ids, taps, torch.tensor([0]), torch.tensor([16]))[0]

@@ -7,7 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
+from model_dflash import rope_cos_sin
 from model_eagle3 import Eagle3, ttt_attention
+from helpers import sharpened_target
 from target import load_target
 
 
@@ -16,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def target():
-    return load_target("tiny-qwen3", sharpen=20.0)
+    return sharpened_target("tiny-qwen3", 20.0)
 
 
 def make_model(target, seed=0, **cfg):
@@ -246,7 +249,7 @@ def test_propose_equals_chain_from_scratch(target):
         n = len(seq)
         out, _ = model._run(no_cache, torch.tensor(seq), feats, torch.arange(n),
                             torch.ones(n, n, dtype=torch.bool).tril())
-        p, _ = model._probs(out[-1:], 1.0, 0, 1.0)
+        p = model.to_full(kernels.logits_to_probs(model.draft_logits(out[-1:]), 1.0))
         torch.testing.assert_close(p[0], probs[j], rtol=1e-5, atol=1e-6)
         seq, feats = seq + [int(tokens[j])], torch.cat([feats, out[-1:]])  # drafted slot: own output
 
@@ -366,7 +369,9 @@ def test_reference_layout_checkpoint_loads(target, tmp_path):
     missing or unexpected keys and the values land in place; extra or missing keys are listed by name."""
     sd = reference_checkpoint(tmp_path / "ok", target)
     model = Eagle3.from_pretrained(str(tmp_path / "ok"))
-    assert model.ttt_length == 7 and model.rope_theta == 10000.0
+    assert model.ttt_length == 7
+    cos, _ = rope_cos_sin(model.config, torch.tensor([1]), 16)  # rope_theta 10000 read from the older spelling
+    torch.testing.assert_close(cos[0, :8], torch.cos(10000.0 ** (-torch.arange(0, 16, 2) / 16)))
     mine = model.state_dict()
     assert set(mine) == set(sd) and all(torch.equal(mine[k], sd[k].float()) for k in sd)
     reference_checkpoint(tmp_path / "extra", target, extra={"layers.0.self_attn.q_proj.bias": (64,)})
@@ -389,7 +394,7 @@ def test_from_target_config_meta_and_unknown_keys():
     with torch.device("meta"):
         model = Eagle3.from_target(cfg, block_size=7, mask_token_id=151669)
     a = model.layers[0].self_attn
-    assert model.fc.weight.shape == (2560, 5 * 2560) and model.layer_ids == [1, 9, 17, 25, 33]
+    assert model.fc.weight.shape == (2560, 5 * 2560) and model.config["target_layer_ids"] == [1, 9, 17, 25, 33]
     assert a.q_proj.weight.shape == (4096, 5120) and a.k_proj.weight.shape == (1024, 5120)
     assert a.o_proj.weight.shape == (2560, 4096) and model.lm_head.weight.shape == (151936, 2560)
     with pytest.raises(TypeError, match="ttt_lenght"):
