@@ -10,7 +10,7 @@ writes one JSON {"bench": name, "device": ..., "date": ..., "machine": {...}, "r
     python bench.py tree --device=cpu --out=out/bench_tree_cpu.json    # chain vs tree decoding (smollm2), CPU attention
     python bench.py train --device=cpu --out=out/bench_train_cpu.json  # one optimizer step per drafter, smollm2
     python bench.py train --device=cuda --online --out=...            # Qwen3-4B geometry, random weights, bf16
-    python bench.py decode --device=cpu --prompts=4 --out=out/bench_decode_cpu.json  # plain vs lookup vs chains
+    python bench.py decode --device=cpu --num_prompts=4 --out=out/bench_decode_cpu.json  # plain vs lookup vs chains
 
 `loss`: forward + backward of soft CE (Eagle3) and DSpark's 0.1 ce + 0.9 l1 with the low-rank Markov
 bias, naive (full [N, V] softmaxes) vs fused (kernels.py), each variant in a fresh subprocess. Peak
@@ -19,15 +19,15 @@ after writing "5" to /proc/self/clear_refs (resets the peak-RSS counter) minus V
 (fallback ru_maxrss, reported as such). Both include the returned gradients (grad Bm: 50 MB on cpu).
 `tree`: tree attention at Qwen3-4B heads (32/8, hd 128) for --prefix x --nodes: the Triton kernel (cuda),
 the PyTorch reference and SDPA with a mask, with max errors; then greedy decoding with --target and
---draft (default the demo's DSpark, else a random one): chain vs trees of --budgets nodes (0 = block
+--checkpoint (default the demo's DSpark, else a random one): chain vs trees of --budgets nodes (0 = block
 size: equal budget), tau, tokens/s, and whether outputs equal the chain's.
 `train`: forward + backward + AdamW step of each drafter on synthetic features (random taps / last_hidden of
 the right shapes, loss_mask on the answer = the last 3/4), so the drafter is measured alone: median of --steps
 after a warm-up step, tokens/s, sequences/s, peak memory as for `loss`. Settings = train.py's with the config
 files: cpu configs/*_smollm2.py on SmolLM2-135M, cuda configs/*_qwen3_4b.py (DeepSpec's recipe) on a random
 Qwen3-4B geometry (no weights needed). --online also times the target's feature forward of each batch.
-`decode`: the first --prompts of each task, greedy: plain decoding, transformers' prompt lookup (10 n-gram
-drafts) and speculative chains of --block_sizes drafts; tau, tokens/s, speedups, outputs equal to plain, and the
+`decode`: the first --num_prompts of each task, greedy: plain decoding, transformers' prompt lookup (10 n-gram
+drafts) and speculative chains of --num_drafts drafts; tau, tokens/s, speedups, outputs equal to plain, and the
 target's step cost t(k) of a cached k-token forward, with the cost model tau * t(1) / (draft + t(k+1)).
 Times are medians over --repeats (and --rounds). On cpu torch runs 1 thread unless --threads says
 otherwise: on a shared 2-core machine a 2-thread op waits at an OpenMP barrier for a descheduled thread.
@@ -50,9 +50,12 @@ import torch
 
 import evaluate
 import kernels
-from configurator import configure, script_defaults
-from prompts import load_task
-from target import DTYPES, Target, load_target, tiny_tokenizer
+from configurator import atomic_path, configure, script_defaults
+from model_dflash import CFG_KEYS, DFlash
+from model_dspark import DSpark
+from model_eagle3 import Eagle3
+from prompts import load_task, messages_of
+from target import DTYPES, Target, load, load_target, tiny_tokenizer
 
 GEOMETRY = {  # N rows (tokens), hidden H, vocab V, Markov rank r
     "cpu": dict(N=448, H=576, V=49152, r=256, dtype="float32"),  # SmolLM2-135M
@@ -229,27 +232,22 @@ def bench_tree_attention(args):
 
 def bench_tree_decode(args):
     here = os.path.dirname(os.path.abspath(__file__))
-    draft = args.draft or os.path.join(here, "out", "demo", "dspark", "step_latest")
+    draft = args.checkpoint or os.path.join(here, "out", "demo", "dspark", "step_latest")
     if os.path.exists(os.path.join(draft, "config.json")):
-        path, cfg = evaluate.resolve_draft(draft)
-        c = cfg.get("text_config", cfg)
-        target = load_target(args.target or evaluate.target_of(cfg), device=args.device,
-                             layer_ids=c.get("target_layer_ids"), mask_token_id=cfg.get("mask_token_id"))
-        drafter = evaluate.load_drafter(path, target)
+        target, drafter, draft = load(draft, args.target, device=args.device)
     else:
-        from model_dspark import DSpark
         target, draft = load_target(args.target or "smollm2", device=args.device), "random init (DSpark defaults)"
         torch.manual_seed(0)
         drafter = DSpark.from_target(target).eval()
-    K = evaluate.drafter_block_size(drafter)
-    prompts = [target.render_prompt([{"role": "user", "content": p}]) for p in TREE_PROMPTS[:args.prompts]]
+    K = drafter.proposal_length
+    prompts = [target.render_prompt([{"role": "user", "content": p}]) for p in TREE_PROMPTS[:args.num_prompts]]
     base_s, base_n = 0.0, 0
     for ids in prompts:  # plain decoding: the reference tokens/s
         out, sec = evaluate.plain_generate(target, ids, args.max_new_tokens)
         base_s, base_n = base_s + sec, base_n + len(out)
     rows, chain_ids = [], None
     for budget in [0] + [b or K for b in args.budgets]:
-        res = [evaluate.speculative_generate(target, drafter, ids, args.max_new_tokens, block_size=K,
+        res = [evaluate.speculative_generate(target, drafter, ids, args.max_new_tokens, num_drafts=K,
                                              tree_budget=budget) for ids in prompts]
         rounds = [r for x in res for r in x["rounds"]]
         ids_all = [x["ids"] for x in res]
@@ -313,21 +311,9 @@ def random_qwen3_4b(device, dtype=torch.bfloat16):
 def build_drafter(name, target, c, device):
     """train.py's model section for drafter `name` with recipe c, built on `device` (from the bare config when
     the target lives on the meta device: random frozen embedding/head, same shapes)."""
-    from model_dflash import DFlash
-    from model_dspark import DSpark
-    from model_eagle3 import Eagle3
-    V = target.config.vocab_size
-    kw = dict(target_layer_ids=target.layer_ids, target_name=target.name,
-              draft_vocab_size=c["draft_vocab_size"] if c["draft_vocab_size"] < V else 0)  # tiny targets: full V
-    if name == "eagle3":
-        kw.update(num_draft_layers=c["num_draft_layers"], ttt_length=c["ttt_length"],
-                  step_loss_decay=c["step_loss_decay"])
-    else:
-        kw.update(block_size=c["block_size"], num_draft_layers=c["num_draft_layers"], num_anchors=c["num_anchors"],
-                  loss_decay_gamma=c["loss_decay_gamma"], mask_token_id=target.mask_token_id)
-        if name == "dspark":
-            kw.update(markov_rank=c["markov_rank"], markov_head_type=c["markov_head_type"],
-                      enable_confidence_head=c["enable_confidence_head"])
+    kw = {**{k: c[k] for k in CFG_KEYS if k in c}, "target_name": target.name}
+    if kw.get("draft_vocab_size", 0) >= target.config.vocab_size:
+        kw["draft_vocab_size"] = 0  # tiny targets: the full vocabulary
     with torch.device(device):  # parameters born on the device: no CPU init of a 1.5B-parameter drafter
         return {"dspark": DSpark, "dflash": DFlash, "eagle3": Eagle3}[name].from_target(
             target.config if target.device.type == "meta" else target, **kw)
@@ -472,28 +458,25 @@ def decode_rates(c, ref):
 
 
 def bench_decode(args):
-    path, cfg = evaluate.resolve_draft(args.draft)  # the evaluate.py default: the demo's DSpark, then drafters/
-    c = cfg.get("text_config", cfg)
-    target = load_target(args.target or evaluate.target_of(cfg) or "smollm2", dtype=args.dtype, device=args.device,
-                         layer_ids=c.get("target_layer_ids"), mask_token_id=cfg.get("mask_token_id"))
-    drafter = evaluate.load_drafter(path, target)
-    K = evaluate.drafter_block_size(drafter)
-    sizes = list(dict.fromkeys(b or K for b in args.block_sizes))  # 0 = K; a repeated size runs once
-    if hasattr(drafter, "block_size") and max(sizes) > K:
-        sys.exit(f"bench.py decode: --block_sizes {max(sizes)} exceeds the drafter's block size {K}")
-    prompts = {t: [target.render_prompt(evaluate.messages_of(turns[0])) for turns in
-                   load_task(t, args.data_dir, args.prompts)] for t in args.tasks}
+    # the evaluate.py default drafter: the demo's DSpark, then drafters/smollm2_dspark
+    target, drafter, path = load(args.checkpoint, args.target, dtype=args.dtype, device=args.device)
+    K = drafter.proposal_length
+    sizes = list(dict.fromkeys(b or K for b in args.num_drafts))  # 0 = K; a repeated size runs once
+    if drafter.kind != "eagle3" and max(sizes) > K:
+        sys.exit(f"bench.py decode: --num_drafts {max(sizes)} exceeds the drafter's block size {K}")
+    prompts = {t: [target.render_prompt(messages_of(turns[0])) for turns in
+                   load_task(t, args.data_dir, args.num_prompts)] for t in args.tasks}
     M, first = args.max_new_tokens, next(iter(prompts.values()))[0]
     evaluate.plain_generate(target, first, 4)  # warm-up: lazy inits of all three paths
     lookup_generate(target, first, 4)
-    evaluate.speculative_generate(target, drafter, first, 4, block_size=K)
+    evaluate.speculative_generate(target, drafter, first, 4, num_drafts=K)
     counts = {}  # (task, method) -> additive counters
     for task, rows in prompts.items():
         for ids in rows:  # methods interleaved per prompt: a drifting machine load hits all of them alike
             plain, s = evaluate.plain_generate(target, ids, M)
             runs = [("plain", plain, s, None), ("lookup", *lookup_generate(target, ids, M), None)]
             for k in sizes:
-                res = evaluate.speculative_generate(target, drafter, ids, M, block_size=k)
+                res = evaluate.speculative_generate(target, drafter, ids, M, num_drafts=k)
                 runs.append((f"chain {k}", res["ids"], res["total_s"], dict(res, k=k)))
             for method, out, s, res in runs:
                 cnt = counts.setdefault((task, method), dict(method=method, prompts=0, new_tokens=0, seconds=0.0,
@@ -509,7 +492,7 @@ def bench_decode(args):
     t_ms = step_costs(target, torch.cat([i for rows in prompts.values() for i in rows]), steps, args.repeats)
     results = dict(target=target.name, drafter=path, block_size=K, max_new_tokens=M, step_ms=t_ms, tasks={})
     print(f"bench.py decode: target {target.name}, drafter {type(drafter).__name__} from {path} (block {K}), "
-          f"{args.prompts} prompt(s) per task, {M} new tokens, greedy, {args.dtype} on {args.device}")
+          f"{args.num_prompts} prompt(s) per task, {M} new tokens, greedy, {args.dtype} on {args.device}")
     print(f"{'task':12s} {'method':9s} {'tau':>5s} {'tok/s':>7s} {'vs plain':>8s} {'vs lookup':>9s} {'model':>6s} "
           f"{'draft s':>7s} {'verify s':>8s} {'same as plain':>13s}")
     for task in list(prompts) + ["overall"]:
@@ -571,9 +554,9 @@ def main(argv=None):
             s.add_argument("--nodes", type=int, nargs="+", default=[8, 16, 32, 64], help="tree tokens")
             s.add_argument("--repeats", type=int, default=20, help="timed attention calls (median)")
             s.add_argument("--target", default="", help="decoding target ('' = the drafter's, else smollm2)")
-            s.add_argument("--draft", default="", help="drafter folder ('' = out/demo/dspark/step_latest or random)")
+            s.add_argument("--checkpoint", default="", help="drafter ('' = out/demo/dspark/step_latest or random)")
             s.add_argument("--budgets", type=int, nargs="+", default=[0, 16, 32], help="tree nodes (0 = block size)")
-            s.add_argument("--prompts", type=int, default=4, help=f"prompts decoded (<= {len(TREE_PROMPTS)})")
+            s.add_argument("--num_prompts", type=int, default=4, help=f"prompts decoded (<= {len(TREE_PROMPTS)})")
             s.add_argument("--max_new_tokens", type=int, default=64)
         if name == "train":
             s.add_argument("--drafters", nargs="+", choices=["dspark", "dflash", "eagle3"],
@@ -586,12 +569,12 @@ def main(argv=None):
             s.add_argument("--target", default="", help=argparse.SUPPRESS)  # tests: tiny-qwen3
         if name == "decode":
             s.add_argument("--target", default="", help="'' = the target in the drafter's config.json")
-            s.add_argument("--draft", default="", help="'' = out/demo/dspark/step_latest, then drafters/smollm2_dspark")
+            s.add_argument("--checkpoint", default="", help="'' = out/demo/dspark/step_latest, then drafters/smollm2_dspark")
             s.add_argument("--tasks", nargs="+", default=["gsm8k", "humaneval"])
             s.add_argument("--data_dir", default="../shared/eval_datasets", help="folder of <task>.jsonl (evaluate.py)")
-            s.add_argument("--prompts", type=int, default=4, help="the first N prompts of each task")
+            s.add_argument("--num_prompts", type=int, default=4, help="the first N prompts of each task")
             s.add_argument("--max_new_tokens", type=int, default=128)
-            s.add_argument("--block_sizes", type=int, nargs="+", default=[0, 2, 3, 4],
+            s.add_argument("--num_drafts", type=int, nargs="+", default=[0, 2, 3, 4],
                            help="drafts per round (0 = the drafter's)")
             s.add_argument("--repeats", type=int, default=10, help="timed target forwards per step cost (median)")
             s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -614,10 +597,8 @@ def main(argv=None):
     record = dict(bench=args.bench, device=args.device, date=datetime.datetime.now().isoformat(timespec="seconds"),
                   machine=machine(args.device), results=results)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out + ".tmp", "w") as f:  # atomic: no half-written report
+        with atomic_path(args.out) as tmp, open(tmp, "w") as f:  # no half-written report
             json.dump(record, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
         print(f"wrote {args.out}")
     return record
 

@@ -39,6 +39,36 @@ def script_defaults(path):
     return {k: v for k, v in out.items() if not k.startswith("_")}
 
 
+# Keys that several scripts declare. Each means the same thing in every script that has it, so a config file
+# sets it once for all; any other key belongs to one script (no name may mean two things: test_config checks).
+SHARED_KEYS = {
+    "target": "the target model (evaluate.py, scheduler.py: '' = the one named in the drafter's config.json)",
+    "target_layer_ids": "the target layers whose outputs the drafter reads",
+    "cache_dir": "answers.jsonl and feature shards", "max_len": "tokens per training sequence",
+    "min_supervised": "samples with fewer supervised tokens are dropped",
+    "keep_truncated": "keep answers cut by the generation budget",
+    "checkpoint": "the drafter to load (folder or hub id)", "num_drafts": "drafts verified per round",
+    "task": "evaluation task", "data_dir": "folder of <task>.jsonl files", "max_new_tokens": "tokens decoded per turn",
+    "temperature": "decoding temperature (0 = greedy)", "out": "report JSON path",
+    "device": "'' = cuda if available, else cpu", "dtype": "compute dtype", "seed": "the run's random seed"}
+
+
+def collisions(defaults_by_script):
+    """{script: its defaults} -> problems: a key several scripts declare that SHARED_KEYS does not list, and pairs
+    of keys one short suffix apart (draft / drafter, prompt / prompts), which are one typo from each other."""
+    owners = {}
+    for script, keys in defaults_by_script.items():
+        for key in keys:
+            owners.setdefault(key, []).append(script)
+    problems = [f"{k} is declared by {', '.join(v)} but is not in configurator.SHARED_KEYS: rename it in all but one"
+                for k, v in owners.items() if len(v) > 1 and k not in SHARED_KEYS]
+    for a in owners:
+        for b in owners:
+            if a != b and b.startswith(a) and len(b) - len(a) <= 2:
+                problems.append(f"{a} ({', '.join(owners[a])}) and {b} ({', '.join(owners[b])}) differ by a suffix")
+    return problems
+
+
 def known_keys():
     """Every key any nanospec script declares, with its default (for the type)."""
     paths = [os.path.join(HERE, name) for name in SCRIPTS]
@@ -110,7 +140,9 @@ def parse_args(argv, known):
 def configure(defaults, argv=None, verbose=True):
     """Apply configs/*.py then --key=value to `defaults` (a script's globals()); return the config dict."""
     argv = sys.argv[1:] if argv is None else argv
-    own = {k: v for k, v in defaults.items() if not k.startswith("_") and isinstance(v, CONFIG_TYPES)}
+    # a script's keys are its literal assignments before configure() (not what it imported, e.g. a dict)
+    names = script_defaults(defaults["__file__"]) if "__file__" in defaults else defaults
+    own = {k: defaults[k] for k in names if k in defaults and not k.startswith("_") and isinstance(defaults[k], CONFIG_TYPES)}
     known = {**known_keys(), **own}
     config_file, pairs = parse_args(argv, known)
     overrides = {}
@@ -132,6 +164,27 @@ def configure(defaults, argv=None, verbose=True):
     if verbose and int(os.environ.get("RANK", "0")) == 0:
         print("config: " + " ".join(f"{k}={v!r}" for k, v in config.items()))
     return config
+
+
+class Range:
+    """A key's valid values: a test and the same in words. (A class, not a tuple: a script imports these names
+    into its globals, and configure() takes every literal-typed global of a script for a config key.)"""
+
+    def __init__(self, ok, words):
+        self.ok, self.words = ok, words
+
+
+POSITIVE, NON_NEGATIVE, FRACTION = Range(lambda v: v >= 1, ">= 1"), Range(lambda v: v >= 0, ">= 0"), \
+    Range(lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def check_ranges(script, config, ranges):
+    """ranges {key: Range}: before any work, stop at the first value out of range with one line naming the key
+    and the fix (a bad value must never mean something else, e.g. -1 = "all")."""
+    for key, r in ranges.items():
+        if not r.ok(config[key]):
+            raise SystemExit(f"{script}: {key} must be {r.words} (got {config[key]!r}): set --{key} or the config's "
+                             f"{key}")
 
 
 @contextlib.contextmanager

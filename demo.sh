@@ -26,10 +26,10 @@ stage() {  # stage <share of the stage that starts now> <title>
 }
 
 stage 43 "1/3 answers + features: $PROMPTS built-in prompts, SmolLM2 regenerates (bf16: ~2.5x faster on a CPU), bf16 taps (fp32 forward)"
-$PY build_cache.py configs/dspark_smollm2.py $COMMON --num_prompts=$PROMPTS --gen_max_new_tokens=128 --gen_batch_size=24 \
+$PY build_cache.py configs/dspark_smollm2.py $COMMON --num_answers=$PROMPTS --gen_max_new_tokens=128 --gen_batch_size=24 \
   --stage=answers --dtype=bfloat16
 stage 7 "1/3 features (fp32 target forward, bf16 taps)"
-$PY build_cache.py configs/dspark_smollm2.py $COMMON --num_prompts=$PROMPTS --stage=features
+$PY build_cache.py configs/dspark_smollm2.py $COMMON --num_answers=$PROMPTS --stage=features
 
 for d in dspark dflash eagle3; do
   stage $(case $d in dspark) echo 37;; dflash) echo 35;; *) echo 45;; esac) "2/3 train $d ($STEPS steps, offline from the shared cache)"
@@ -40,7 +40,7 @@ for d in dspark dflash eagle3; do
   for t in 0 1; do
     suffix=$([ $t = 0 ] && echo "" || echo "_t1")
     stage 8 "3/3 evaluate $d at temperature $t"
-    $PY evaluate.py configs/${d}_smollm2.py --target=smollm2 --draft=$DEMO/$d/step_latest --task=gsm8k,humaneval \
+    $PY evaluate.py configs/${d}_smollm2.py --target=smollm2 --checkpoint=$DEMO/$d/step_latest --task=gsm8k,humaneval \
       --data_dir=$DATA --num_prompts=$EVAL_PROMPTS --max_new_tokens=96 --temperature=$t \
       --out=$DEMO/$d$suffix.json
   done
@@ -48,8 +48,8 @@ done
 
 if [ -f $SHIP/config.json ]; then
   stage 5 "3/3 evaluate the shipped drafter $SHIP at temperature 0 ($SHIP_BLOCK drafts per round)"
-  $PY evaluate.py --target=smollm2 --draft=$SHIP --task=gsm8k,humaneval --data_dir=$DATA --num_prompts=$EVAL_PROMPTS \
-    --max_new_tokens=96 --temperature=0 --block_size=$SHIP_BLOCK --device=cpu --out=$DEMO/shipped.json
+  $PY evaluate.py --target=smollm2 --checkpoint=$SHIP --task=gsm8k,humaneval --data_dir=$DATA --num_prompts=$EVAL_PROMPTS \
+    --max_new_tokens=96 --temperature=0 --num_drafts=$SHIP_BLOCK --device=cpu --out=$DEMO/shipped.json
 fi
 echo "== done in $(((SECONDS - START) / 60))m$(((SECONDS - START) % 60))s"
 

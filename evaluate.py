@@ -1,10 +1,10 @@
 """Evaluate a drafter: lossless speculative decoding of DeepSpec's nine tasks, with honest metrics.
 
-    python evaluate.py --task=gsm8k --num_prompts=5 --target=smollm2 --draft=out/demo/dspark/step_latest
+    python evaluate.py --task=gsm8k --num_prompts=5 --target=smollm2 --checkpoint=out/demo/dspark/step_latest
     python evaluate.py --prompt "Write a haiku about the sea"            # one prompt, its continuation and stats
     python evaluate.py --task=all --check_greedy --out=out/report.json    # all tasks; fp32 greedy must match
     python evaluate.py --task=all --dtype=bfloat16 --temperature=1.0 --max_new_tokens=2048 \\
-        --turns=1 --target=Qwen/Qwen3-4B --draft=deepseek-ai/dspark_qwen3_4b_block7 --out=out/q4b.json  # DeepSpec's
+        --turns=1 --target=Qwen/Qwen3-4B --checkpoint=deepseek-ai/dspark_qwen3_4b_block7 --out=out/q4b.json  # DeepSpec's
     torchrun --nproc_per_node=8 evaluate.py --task=all --device=cuda --out=out/report.json   # prompts split
     python evaluate.py --task=gsm8k --num_prompts=5 --tree_budget=16      # draft trees of 16 nodes instead of chains
 
@@ -28,33 +28,37 @@ forward (tree attention: each node sees the cache and its ancestors) and accepta
 reaches depth i+1 | it reached depth i); cumulative: P(it reaches depth i+1 | the tree is that deep)) and the
 proposal length is the tree's depth.
 """
+import fcntl
 import heapq
 import itertools
 import json
 import os
-import random
 import sys
 import time
 import zlib
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from transformers import DynamicCache
 
-from configurator import configure
+from configurator import FRACTION, NON_NEGATIVE, POSITIVE, atomic_path, check_ranges, configure, init_distributed
 from kernels import logits_to_probs
-from prompts import MissingTask, load_task  # the nine eval tasks (REFERENCE.md s.8)
-from target import load_target
+from metrics import format_table, merge, overall_rates, rates, tally
+from prompts import TASKS, MissingTask, load_task, messages_of  # the nine eval tasks (REFERENCE.md s.8)
+from target import load
 
 # defaults (override with a configs/*.py file or --key=value)
 task = "humaneval"        # one of the nine tasks, a comma list, "all", or any <name>.jsonl in data_dir
 target = ""               # "" = the target recorded in the drafter's config.json
-draft = ""                # drafter folder or hub id; "" = out/demo/dspark/step_latest, then drafters/smollm2_dspark
+checkpoint = ""           # drafter folder or hub id; "" = out/demo/dspark/step_latest, then drafters/smollm2_dspark
 temperature = 0.0         # 0 = greedy; DeepSpec's protocol is 1.0
 top_k = 0                 # 0 = off; applies to the target and the drafter alike
 top_p = 1.0
 num_prompts = 0           # 0 = DeepSpec's count for the task; N = the first N of that selection
 max_new_tokens = 256      # per turn (DeepSpec: 2048)
-block_size = 0            # drafts per round; 0 = the drafter's block_size / ttt_length
-tree_budget = 0           # draft tree nodes verified per round (depth <= block_size); 0 = a chain of block_size
+num_drafts = 0            # drafts per round (a tree's depth limit); 0 = the drafter's proposal_length
+tree_budget = 0           # draft tree nodes verified per round (depth <= num_drafts); 0 = a chain of num_drafts
 data_dir = ""             # folder of <task>.jsonl; then $NANOSPEC_DATA_DIR, ~/.cache/nanospec/eval, the hub
 out = ""                  # report JSON path ("" = table only); <out>.partial.jsonl makes runs resumable
 save_outputs = False      # add prompt_ids and generated ids to the report
@@ -67,77 +71,6 @@ seed = 0
 baseline = True           # also time plain target decoding on the same prompts (speedup)
 if __name__ == "__main__":  # not on import: train.py imports measure_tau
     config = configure(globals())
-
-# -----------------------------------------------------------------------------
-# the drafter
-
-def drafter_class(config):
-    """DeepSpec's architectures field -> our class (DSpark and DFlash share Qwen3DSparkModel)."""
-    arch = (config.get("architectures") or ["?"])[0]
-    if arch in ("Qwen3DSparkModel", "Gemma4DSparkModel"):
-        if config.get("markov_rank", 0) > 0 or config.get("enable_confidence_head"):
-            from model_dspark import DSpark
-            return DSpark
-        from model_dflash import DFlash
-        return DFlash
-    if arch in ("Qwen3Eagle3Model", "Gemma4Eagle3Model", "Eagle3DraftModel"):
-        from model_eagle3 import Eagle3
-        return Eagle3
-    raise SystemExit(f"drafter: unknown architectures {config.get('architectures')}; expected a DSpark, DFlash "
-                     f"or Eagle3 checkpoint (Qwen3DSparkModel, Qwen3Eagle3Model, ...)")
-
-
-def resolve_draft(path):
-    """A drafter folder (or hub id) -> (folder, its config.json dict)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    if not path:
-        found = [p for p in (os.path.join(here, "out", "demo", "dspark", "step_latest"),
-                             os.path.join(here, "drafters", "smollm2_dspark"))
-                 if os.path.exists(os.path.join(p, "config.json"))]
-        if not found:
-            raise SystemExit("evaluate: no drafter given and none trained yet: run `make demo` or "
-                             "`python train.py configs/dspark_smollm2.py`, or pass --draft=PATH")
-        path = found[0]
-    elif not os.path.isdir(path):
-        if path.count("/") != 1 or path.startswith((".", "/", "~")):
-            raise SystemExit(f"evaluate: drafter folder {path} not found; fix --draft")
-        from huggingface_hub import snapshot_download  # a hub id (untested here: no network)
-        path = snapshot_download(path, allow_patterns=["config.json", "*.safetensors"])
-    with open(os.path.join(path, "config.json")) as f:
-        return path, json.load(f)
-
-
-def target_of(config):
-    """The target a drafter was trained for, as recorded in its config.json ('' if none)."""
-    return (config.get("nanospec") or {}).get("target_name") or config.get("target_model_name_or_path") or ""
-
-
-def load_drafter(path, target):
-    """Load our or DeepSpec's checkpoint for `target` (class from config.json), on the target's device/dtype."""
-    path, cfg = resolve_draft(path)
-    Cls = drafter_class(cfg)
-    tc, c = target.config, cfg.get("text_config", cfg)
-    L = len(target.layers)
-    fix = f"pass the --target it was trained for ({target_of(cfg) or 'see its config.json'})"
-    for key, want in (("hidden_size", tc.hidden_size), ("vocab_size", tc.vocab_size), ("num_target_layers", L)):
-        if c.get(key, want) != want:
-            raise SystemExit(f"drafter {path} has {key}={c[key]} but target {target.name} has {want}: {fix}")
-    ids = [int(i) for i in c.get("target_layer_ids", target.layer_ids)]
-    if max(ids) >= L - 1 or min(ids) < 0:
-        raise SystemExit(f"drafter {path} taps layers {ids} but target {target.name} has {L} layers: {fix}")
-    if ids != list(target.layer_ids):
-        raise SystemExit(f"drafter {path} taps layers {ids} but the target was loaded with {target.layer_ids}: "
-                         f"load it with load_target(..., layer_ids={ids})")
-    model = Cls.from_pretrained(path, target=target)
-    bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()), None)
-    if bad is not None:
-        raise SystemExit(f"drafter {path}: model.safetensors holds NaN/inf in {bad}; retrain or pick another checkpoint")
-    return model.to(device=target.device, dtype=target.embed_weight.dtype).eval()
-
-
-def drafter_block_size(drafter):
-    return int(getattr(drafter, "block_size", 0) or getattr(drafter, "ttt_length", 0) or 7)
-
 
 # -----------------------------------------------------------------------------
 # acceptance rules: small pure functions (Leviathan et al. 2023, Chen et al. 2023)
@@ -278,13 +211,14 @@ def _clock(dev):
 
 @torch.no_grad()
 def speculative_generate(target, drafter, prompt_ids, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
-                         block_size=0, generator=None, tree_budget=0):
+                         num_drafts=0, generator=None, tree_budget=0):
     """prompt_ids [T] -> dict(ids: new tokens (ending at EOS or the budget, exactly as plain decoding),
     rounds: [(proposed, accepted, committed)] per target verify, cut: tokens the last round accepted past
     max_new_tokens (committed stops at the budget; DeepSpec's accept length counts them), conf: per chain round the
-    drafter's confidences or None, draft_s, verify_s, total_s). tree_budget > 0: verify best-first draft trees of that many nodes (depth <= block_size) instead
-    of chains. Eagle3 ends its chain at a drafted end-of-turn token (stop_ids; DFlash/DSpark draft the block whole)."""
-    K, eos, dev = block_size or drafter_block_size(drafter), target.eos_token_ids, target.device
+    drafter's confidences or None, draft_s, verify_s, total_s). tree_budget > 0: verify best-first draft trees of
+    that many nodes (depth <= num_drafts) instead of chains. Eagle3 ends its chain at a drafted end-of-turn token
+    (stop_ids; DFlash/DSpark draft the block whole)."""
+    K, eos, dev = num_drafts or drafter.proposal_length, target.eos_token_ids, target.device
     warp = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     t0 = _clock(dev)
     logits, taps, cache = target.forward(prompt_ids[None].to(dev), logits_to_keep=1)  # prefill: [1,1,V], [1,T,nH]
@@ -336,7 +270,6 @@ def speculative_generate(target, drafter, prompt_ids, max_new_tokens=256, temper
 @torch.no_grad()
 def plain_generate(target, prompt_ids, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0, generator=None):
     """Target-only decoding, one forward per token on an HF DynamicCache (the baseline) -> (ids, seconds)."""
-    from transformers import DynamicCache
     dev, cache, warp = target.device, DynamicCache(), dict(temperature=temperature, top_k=top_k, top_p=top_p)
     t0 = _clock(dev)
     x = prompt_ids[None].to(dev)
@@ -349,67 +282,11 @@ def plain_generate(target, prompt_ids, max_new_tokens=256, temperature=0.0, top_
 
 
 # -----------------------------------------------------------------------------
-# metrics: additive counters (pooled over rounds, prompts, tasks and ranks), then rates
-
-def tally(rounds, K, cut=0):
-    """[(proposed, accepted, committed)] of one generation -> counters. Slot i (0-based) is 'proposed' in a round
-    with more than i drafts, 'reached' when also all slots before it were accepted, 'accepted' when it was kept
-    (in a tree: slot i = depth i + 1 of the accepted path). cut = tokens the last round accepted past
-    max_new_tokens (speculative_generate's 'cut'): counted in committed_uncapped, DeepSpec's accept length."""
-    committed = sum(r[2] for r in rounds)
-    c = {"rounds": len(rounds), "committed": committed, "committed_uncapped": committed + cut,
-         "proposed": sum(r[0] for r in rounds),
-         "slot_proposed": [0] * K, "slot_reached": [0] * K, "slot_accepted": [0] * K}
-    for k, n, _ in rounds:
-        for i in range(min(k, K)):
-            c["slot_proposed"][i] += 1
-            c["slot_reached"][i] += n >= i
-            c["slot_accepted"][i] += n > i
-    return c
-
-
-def merge(counters):
-    """Sum counter dicts: numbers, and the slot_* lists elementwise (padded); other keys are not counters."""
-    total = {}
-    for c in counters:
-        for key, v in c.items():
-            if key.startswith("slot_"):
-                a = total.get(key, [])
-                n = max(len(a), len(v))
-                total[key] = [x + y for x, y in zip(a + [0] * (n - len(a)), v + [0] * (n - len(v)))]
-            elif isinstance(v, (int, float)) and key != "index":
-                total[key] = total.get(key, 0) + v
-    return total
-
-
-def rates(c):
-    """Counters -> the reported metrics (units in the names: seconds, tokens per second)."""
-    div = lambda a, b: a / b if b else None
-    r = {"tau": div(c.get("committed", 0), c.get("rounds", 0)),       # the last round capped at max_new_tokens
-         # DeepSpec's accept_len: the last round of a turn uncapped (all its accepted tokens + the bonus)
-         "accept_length_deepspec": div(c.get("committed_uncapped", 0), c.get("rounds", 0)),
-         "rounds": c.get("rounds", 0), "new_tokens": c.get("new_tokens", 0),
-         "mean_proposal_len": div(c.get("proposed", 0), c.get("rounds", 0)),
-         # the paper's Fig. 2: P(slot i kept | slots < i kept); trees: P(path reaches depth i+1 | reached depth i)
-         "accept_rate_conditional": [div(a, n) for a, n in zip(c.get("slot_accepted", []), c.get("slot_reached", []))],
-         # survival P(slots 0..i all kept), DeepSpec's printed accept_rate@i; trees: P(path reaches depth i+1 |
-         # the tree is that deep)
-         "accept_rate_cumulative": [div(a, n) for a, n in zip(c.get("slot_accepted", []), c.get("slot_proposed", []))],
-         "tokens_per_s": div(c.get("new_tokens", 0), c.get("spec_s", 0)),
-         "baseline_tokens_per_s": div(c.get("base_tokens", 0), c.get("base_s", 0)),
-         "draft_s": c.get("draft_s", 0.0), "verify_s": c.get("verify_s", 0.0), "total_s": c.get("spec_s", 0.0),
-         "prompts": c.get("prompts", 0), "turns": c.get("turns", 0)}
-    r["speedup"] = div(r["tokens_per_s"], r["baseline_tokens_per_s"]) if r["tokens_per_s"] else None
-    if c.get("greedy_checked"):
-        r["greedy_match_rate"] = c.get("greedy_matched", 0) / c["greedy_checked"]  # turns equal to plain greedy
-    return r
-
-
-# -----------------------------------------------------------------------------
 # evaluation of prompts
 
-def messages_of(p):
-    return [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+def prompt_key(turn_texts):
+    """A prompt's text -> the key its resumed row must carry (a task file edited in place decodes it again)."""
+    return zlib.crc32(json.dumps(turn_texts).encode())
 
 
 def check_length(target, ids, max_new_tokens, K, where):
@@ -432,7 +309,7 @@ def run_prompt(target, drafter, turn_texts, cfg, K, gen_seed, where="prompt"):
         ids = target.render_prompt(messages)
         check_length(target, ids, cfg["max_new_tokens"], K, f"{where} turn {t + 1}")
         g = torch.Generator(dev).manual_seed(gen_seed + t)
-        res = speculative_generate(target, drafter, ids, cfg["max_new_tokens"], block_size=K, generator=g,
+        res = speculative_generate(target, drafter, ids, cfg["max_new_tokens"], num_drafts=K, generator=g,
                                    tree_budget=cfg.get("tree_budget", 0), **warp)
         rec = dict(tally(res["rounds"], K, res["cut"]), new_tokens=len(res["ids"]), spec_s=res["total_s"],
                    draft_s=res["draft_s"], verify_s=res["verify_s"], turns=1)
@@ -459,60 +336,19 @@ def run_prompt(target, drafter, turn_texts, cfg, K, gen_seed, where="prompt"):
     return out
 
 
-def measure_tau(target, drafter, prompts, max_new_tokens=128, temperature=0.0, block_size=0, seed=0, tree_budget=0):
+def measure_tau(target, drafter, prompts, max_new_tokens=128, temperature=0.0, num_drafts=0, seed=0, tree_budget=0):
     """In-training tau (train.py): prompts = list of strings or message lists (ending with a user turn)
     -> rates (tau, accept_rate_conditional, accept_rate_cumulative, ...). No baseline, no greedy check."""
-    K = block_size or drafter_block_size(drafter)
+    K = num_drafts or drafter.proposal_length
     recs = []
     for i, p in enumerate(prompts):
         ids = target.render_prompt(messages_of(p))
         g = torch.Generator(target.device).manual_seed(seed + i)
-        res = speculative_generate(target, drafter, ids, max_new_tokens, temperature, block_size=K, generator=g,
+        res = speculative_generate(target, drafter, ids, max_new_tokens, temperature, num_drafts=K, generator=g,
                                    tree_budget=tree_budget)
         recs.append(dict(tally(res["rounds"], K, res["cut"]), new_tokens=len(res["ids"]), spec_s=res["total_s"],
                          draft_s=res["draft_s"], verify_s=res["verify_s"], prompts=1, turns=1))
     return rates(merge(recs))
-
-
-def macro(tasks, key="tau"):
-    """Unweighted mean over tasks of a per-task rate (the paper's "mean" column); None when no task has it."""
-    vals = [r[key] for r in tasks.values() if r.get(key) is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-def overall_rates(tasks, recs):
-    """Per-task rate dicts and all prompt records -> the overall rates: pooled over rounds (long tasks weigh more),
-    plus tau_macro and accept_length_deepspec_macro, the unweighted means of the task rows (the paper's "mean")."""
-    r = rates(merge(recs))
-    r.update(tau_macro=macro(tasks), accept_length_deepspec_macro=macro(tasks, "accept_length_deepspec"))
-    return r
-
-
-def format_table(tasks, overall, tree=False):
-    """Tasks' rate dicts -> the stdout table. tree=True: the per-slot rates are per depth of the accepted path."""
-    f = lambda x, spec="{:.2f}": "-" if x is None else spec.format(x)
-    rates_label = ("per depth: P(path reaches depth i+1 | reached depth i) (cumulative: P(reaches depth i+1 | "
-                   "tree that deep))" if tree else "accept_rate_conditional (cumulative = DeepSpec accept_rate@i)")
-    head = f"{'task':<15}{'prompts':>8}{'new_tok':>9}{'rounds':>8}{'tau':>7}{'tau_ds':>7}" \
-           f"{'depth' if tree else 'prop':>6}{'tok/s':>9}{'base':>9}{'speedup':>9}{'draft%':>8}  {rates_label}"
-    lines = [head, "-" * len(head)]
-    for name, r in list(tasks.items()) + [("overall", overall)]:
-        busy = r["draft_s"] + r["verify_s"]
-        lines.append(f"{name:<15}{r['prompts']:>8}{r['new_tokens']:>9}{r['rounds']:>8}{f(r['tau']):>7}"
-                     f"{f(r.get('accept_length_deepspec')):>7}"
-                     f"{f(r['mean_proposal_len'], '{:.1f}'):>6}{f(r['tokens_per_s'], '{:.1f}'):>9}"
-                     f"{f(r['baseline_tokens_per_s'], '{:.1f}'):>9}{f(r['speedup'], '{:.2f}x'):>9}"
-                     f"{f(100 * r['draft_s'] / busy if busy else None, '{:.0f}'):>8}  "
-                     + " ".join(f(a, "{:.2f}") for a in r["accept_rate_conditional"])
-                     + "  (" + " ".join(f(a, "{:.2f}") for a in r["accept_rate_cumulative"]) + ")")
-    if len(tasks) > 1:  # overall pools rounds (long tasks weigh more); the paper averages the tasks
-        lines.append(f"{'mean of tasks':<15}{'':>25}{f(overall.get('tau_macro')):>7}"
-                     f"{f(overall.get('accept_length_deepspec_macro')):>7}")
-    lines.append("tau: tokens committed per round (bonus included, the last round cut at max_new_tokens); tau_ds: "
-                 "DeepSpec's accept length (the last round uncapped)"
-                 + ("; mean of tasks: the unweighted mean of the task rows (the paper's mean column)"
-                    if len(tasks) > 1 else ""))
-    return "\n".join(lines)
 
 
 def warmup(target, drafter, ids, cfg, K, tokens=8):
@@ -520,7 +356,7 @@ def warmup(target, drafter, ids, cfg, K, tokens=8):
     timed prompt pays no one-time costs (lazy init, kernel selection, allocator growth, first forwards)."""
     warp = {k: cfg[k] for k in ("temperature", "top_k", "top_p")}
     g = torch.Generator(target.device).manual_seed(0)  # its own generator: the timed prompts' draws are unchanged
-    speculative_generate(target, drafter, ids, tokens, block_size=K, generator=g,
+    speculative_generate(target, drafter, ids, tokens, num_drafts=K, generator=g,
                          tree_budget=cfg.get("tree_budget", 0), **warp)
     if cfg["baseline"]:
         plain_generate(target, ids, tokens, generator=g, **warp)
@@ -528,30 +364,37 @@ def warmup(target, drafter, ids, cfg, K, tokens=8):
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
-    from tqdm import tqdm
-    import torch.distributed as dist
-    device = config["device"] = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    if ddp:  # torchrun: prompts split across ranks, one report merged on rank 0
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
+    check_ranges("evaluate", config, {
+        **dict.fromkeys(("temperature", "top_k", "num_prompts", "num_drafts", "tree_budget", "turns"), NON_NEGATIVE),
+        "top_p": FRACTION, "max_new_tokens": POSITIVE})
+    rank, world, device = init_distributed(device)  # torchrun: prompts split across ranks, one report on rank 0
+    ddp = dist.is_initialized()
+    config["device"] = device
+    if out and os.path.isdir(out):
+        raise SystemExit(f"evaluate: --out={out} is a directory; give a report file name, e.g. {out}/report.json")
     torch.manual_seed(seed)
 
+    # --- prompts (before the models: a missing or empty task file stops at once) ---------------
+    prompts = {}
+    if not prompt:
+        names = list(TASKS) if task == "all" else task.split(",")  # "gsm8k,humaneval" runs both
+        for name in names:
+            try:
+                prompts[name] = load_task(name, data_dir, num_prompts, turns)
+            except MissingTask as e:
+                if task != "all":
+                    raise SystemExit(str(e)) from None
+                if rank == 0:
+                    print(f"evaluate: skipping {e}")
+        if not any(prompts.values()):
+            raise SystemExit(f"evaluate: no prompts to decode for --task={task} (task files missing or empty): put "
+                             f"<task>.jsonl files in --data_dir (or $NANOSPEC_DATA_DIR)")
+
     # --- models ---------------------------------------------------------------
-    draft_path, draft_cfg = resolve_draft(draft)
-    target_name = target or target_of(draft_cfg)
-    if not target_name:
-        raise SystemExit(f"evaluate: {draft_path}/config.json names no target: pass --target=NAME")
-    tgt = load_target(target_name, dtype=dtype, device=device,
-                      layer_ids=draft_cfg.get("text_config", draft_cfg).get("target_layer_ids"),
-                      mask_token_id=draft_cfg.get("mask_token_id"))
-    drafter = load_drafter(draft_path, tgt)
-    K = block_size or drafter_block_size(drafter)
+    tgt, drafter, draft_path = load(checkpoint, target, dtype, device)
+    K = num_drafts or drafter.proposal_length
     if rank == 0:
-        print(f"evaluate: target {target_name} ({len(tgt.layers)} layers, taps {tgt.layer_ids}), drafter "
+        print(f"evaluate: target {tgt.name} ({len(tgt.layers)} layers, taps {tgt.layer_ids}), drafter "
               f"{type(drafter).__name__} from {draft_path}, " + (f"trees of {tree_budget} nodes (depth <= {K})"
               if tree_budget else f"{K} drafts") + f" per round, {dtype} on {device}")
 
@@ -568,21 +411,18 @@ if __name__ == "__main__":
               + " ".join(f"{a:.2f}" if a is not None else "-" for a in r["accept_rate_conditional"]))
         sys.exit(0)
 
-    # --- prompts ----------------------------------------------------------------
-    names = list(TASKS) if task == "all" else task.split(",")  # "gsm8k,humaneval" runs both
-    prompts = {}
-    for name in names:
-        try:
-            prompts[name] = load_task(name, data_dir, num_prompts, turns)
-        except MissingTask as e:
-            if task != "all":
-                raise SystemExit(str(e)) from None
-            if rank == 0:
-                print(f"evaluate: skipping {e}")
     partial, done = (out + ".partial.jsonl") if out else "", {}
     keyed = {k: v for k, v in config.items() if k not in ("task", "num_prompts", "out")}  # prompt i: same text
     st = os.stat(os.path.join(draft_path, "model.safetensors"))  # new weights at the same path: start over
     keyed["draft_weights"] = [st.st_size, st.st_mtime_ns]
+    if partial and rank == 0:  # one run per report: a second writer would mix the rows of two runs
+        os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
+        lock = os.open(partial, os.O_RDWR | os.O_CREAT)  # locked until the report is written
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise SystemExit(f"evaluate: another evaluate.py is writing {partial}: wait for it or pass another --out")
     if partial and os.path.exists(partial):  # resume: finished prompts of the same config are kept
         lines = []
         for line in open(partial):
@@ -590,12 +430,13 @@ if __name__ == "__main__":
                 lines.append(json.loads(line))
             except ValueError:
                 pass  # a line cut by a crash: that prompt is decoded again
-        if lines and lines[0].get("config") == keyed:
-            done = {(r["task"], r["index"]): r for r in lines[1:] if "committed_uncapped" in r}  # older: decode again
-        elif rank == 0:
+        if lines and lines[0].get("config") == keyed:  # rows of these settings, of prompts with the same text
+            done = {(r["task"], r["index"]): r for r in lines[1:] if r.get("task") in prompts
+                    and r.get("index", -1) < len(prompts[r["task"]])
+                    and r.get("prompt_key") == prompt_key(prompts[r["task"]][r["index"]])}
+        elif lines and rank == 0:
             print(f"evaluate: {partial} holds results of another config; starting over")
     if partial and not done and rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
         with open(partial, "w") as f:
             f.write(json.dumps({"config": keyed}) + "\n")
     if ddp:
@@ -616,7 +457,7 @@ if __name__ == "__main__":
     for name, i in tqdm(todo[rank::world], desc="prompts", disable=rank != 0, dynamic_ncols=True):
         gen_seed = seed * 1_000_003 + zlib.crc32(f"{name}/{i}".encode()) * 16  # per prompt: same on any world size
         rec = run_prompt(tgt, drafter, prompts[name][i], config, K, gen_seed, where=f"{name}[{i}]")
-        rec.update(task=name, index=i)
+        rec.update(task=name, index=i, prompt_key=prompt_key(prompts[name][i]))
         if not save_outputs:
             del rec["outputs"], rec["prompt_ids"]
         mine.append(rec)
@@ -647,7 +488,7 @@ if __name__ == "__main__":
                                                         for i in range(len(rows))])
     print(format_table(report["tasks"], report["overall"], tree=bool(tree_budget)))
     if out:
-        with open(out + ".tmp", "w") as f:
+        with atomic_path(out) as tmp, open(tmp, "w") as f:  # a report is complete or absent
             json.dump(report, f)
-        os.replace(out + ".tmp", out)  # atomic: a report is complete or absent
         print(f"evaluate: report written to {out}")
+        os.close(lock)  # unlocked: a later run may resume from the partial file

@@ -327,3 +327,7 @@ def builtin_prompts(n, seed=0):
             turns = [text] + ([pick(_FOLLOW_UPS)] if rng.random() < 0.15 else [])
             convs.append([{"role": "user", "content": t} for t in turns])
     return convs
+
+
+def messages_of(p):
+    return [{"role": "user", "content": p}] if isinstance(p, str) else list(p)

@@ -1,12 +1,12 @@
 """Confidence-scheduled verification, the second half of the DSpark paper (s.3.2, Algorithm 1, App. A).
 
-    python scheduler.py --draft=out/demo/dspark/step_latest --task=gsm8k --data_dir=DIR --max_new_tokens=128  # CPU
+    python scheduler.py --checkpoint=out/demo/dspark/step_latest --task=gsm8k --data_dir=DIR --max_new_tokens=128
     python scheduler.py --device=cuda --dtype=bfloat16 --temperature=1.0 --target=Qwen/Qwen3-4B \\
-        --draft=deepseek-ai/dspark_qwen3_4b_block7 --task=gsm8k --calib_prompts=200 --num_prompts=200 --out=o.json
+        --checkpoint=deepseek-ai/dspark_qwen3_4b_block7 --task=gsm8k --calib_prompts=200 --heldout_prompts=200
 
 Records batch-1 traces (raw confidences c_1..c_K and accepted drafts per round), fits Sequential Temperature
 Scaling on the first `calib_prompts` prompts (saved as <draft>/calibration.json; ECE/AUROC before/after on
-the rest, reliability diagram PNG), profiles SPS(B) = target steps/s for a verify batch of B tokens (cached
+the rest, reliability diagram PNG when matplotlib is installed), profiles SPS(B) = target steps/s for a verify batch of B tokens (cached
 per target and machine), and SIMULATES (trace replay, not a batched engine) R concurrent requests under
 fixed-length, static-threshold and scheduled (Algorithm 1) verification.
 """
@@ -15,25 +15,27 @@ import json
 import math
 import os
 import re
-import struct
-import zlib
 
 import torch
+from tqdm import tqdm
 
-from configurator import configure
+from configurator import NON_NEGATIVE, POSITIVE, Range, atomic_path, check_ranges, configure
+from evaluate import speculative_generate
+from prompts import load_task, messages_of
+from target import load
 
 # defaults (override with a configs/*.py file or --key=value)
 target = ""               # "" = the target recorded in the drafter's config.json
-draft = ""                # DSpark drafter folder or hub id (needs a confidence head); "" = as evaluate.py
+checkpoint = ""           # DSpark drafter folder or hub id (needs a confidence head); "" = as evaluate.py
 task = "humaneval"        # evaluate.py task name (first turn of each prompt) or any <name>.jsonl in data_dir
 data_dir = ""             # folder of <task>.jsonl (as evaluate.py)
 calib_prompts = 16        # the first prompts of the task fit STS; 0 = use <draft>/calibration.json as is
-num_prompts = 16          # the next prompts: held-out ECE/AUROC and the simulator's traces (0 = all the rest)
+heldout_prompts = 16      # the next prompts: held-out ECE/AUROC and the simulator's traces (0 = all the rest)
 max_new_tokens = 128      # per prompt
-block_size = 0            # drafts per round; 0 = the drafter's block_size
+num_drafts = 0            # drafts per round; 0 = the drafter's proposal_length
 temperature = 0.0         # 0 = greedy; to the target and the drafter alike
 seed = 0
-device = "cpu"            # "" = cuda if available, else cpu
+device = ""               # "" = cuda if available, else cpu
 dtype = "float32"
 sts_grid = 81             # temperatures tried per position, log-spaced in [1/20, 20]
 ece_bins = 10             # equal-width bins of ECE and of the reliability diagram
@@ -59,11 +61,8 @@ EPS = 1e-6
 
 
 def write_json(path, obj):
-    """Atomic write (tmp file + rename): a reader sees the old file or the new one, never half of one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def calibrate(conf, temps):
@@ -130,39 +129,35 @@ def calibration_table(conf, accepted, temps, bins=10):
             for k in range(conf.shape[1])]
 
 
-def write_png(path, img):
-    """img [H, W, 3] uint8 (numpy) -> an 8-bit RGB PNG, written with zlib + struct only (no matplotlib)."""
-    h, w, _ = img.shape
-    chunk = lambda tag, data: (struct.pack(">I", len(data)) + tag + data +
-                               struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
-    raw = b"".join(b"\x00" + img[y].tobytes() for y in range(h))  # filter type 0 (none) per scanline
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) +
-                chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-
-
-def reliability_diagram(path, conf, accepted, temps, bins=10, S=160):
-    """One panel per position: x = predicted survival a_k, y = observed acceptance per bin; gray diagonal =
-    perfect calibration, big red squares = raw, small blue = after STS, gray bars = share of rounds."""
-    import numpy as np
+def reliability_diagram(path, conf, accepted, temps, bins=10):
+    """One panel per position: x = predicted survival a_k, y = observed acceptance per bin; diagonal = perfect
+    calibration, red = raw, blue = after STS, gray bars = share of rounds per bin. False without matplotlib."""
+    try:
+        import matplotlib  # optional: only this picture needs it
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
     K = conf.shape[1]
     y = (accepted[:, None] > torch.arange(K)).double()
-    img = np.full((S + 20, K * (S + 10) + 10, 3), 255, np.uint8)
-    for k in range(K):
-        p = img[10:10 + S, 10 + k * (S + 10):10 + k * (S + 10) + S]  # panel view [S, S, 3], row 0 = top
-        p[:] = 240
-        p[[S // 4, S // 2, 3 * S // 4]], p[:, [S // 4, S // 2, 3 * S // 4]] = 225, 225  # grid at .25 .5 .75
-        p[S - 1 - np.arange(S), np.arange(S)] = 150                   # y = x
-        raw, cal = survival(conf)[:, k], survival(calibrate(conf.double(), temps))[:, k]
-        share = torch.bincount((cal * bins).long().clamp(0, bins - 1), minlength=bins) / len(cal)
-        for b in range(bins):  # gray bars: share of rounds per bin (after STS), up to S/4
-            p[S - int(S / 4 * float(share[b])):, int(b * S / bins) + 2:int((b + 1) * S / bins) - 2] = 200
-        for a, color, r in ((raw, (220, 40, 40), 4), (cal, (40, 80, 220), 2)):  # markers: (mean predicted, observed)
+    raw, cal = survival(conf), survival(calibrate(conf.double(), temps))
+    fig, axes = plt.subplots(1, K, figsize=(2.2 * K, 2.4), sharey=True, squeeze=False)
+    for k, ax in enumerate(axes[0]):
+        share = torch.bincount((cal[:, k] * bins).long().clamp(0, bins - 1), minlength=bins) / len(cal)
+        ax.bar((torch.arange(bins) + 0.5) / bins, share, width=0.8 / bins, color="0.85")
+        ax.plot([0, 1], [0, 1], color="0.5", linewidth=0.8)
+        for a, color, label in ((raw[:, k], "tab:red", "raw"), (cal[:, k], "tab:blue", "STS")):
             idx = (a * bins).long().clamp(0, bins - 1)
-            for b in idx.unique().tolist():
-                px, py = int(float(a[idx == b].mean()) * (S - 1)), S - 1 - int(float(y[idx == b, k].mean()) * (S - 1))
-                p[max(py - r, 0):py + r + 1, max(px - r, 0):px + r + 1] = color
-    write_png(path, img)
+            points = [(float(a[idx == b].mean()), float(y[idx == b, k].mean())) for b in idx.unique().tolist()]
+            ax.plot(*zip(*points), "o", color=color, markersize=4, label=label)
+        ax.set(xlim=(0, 1), ylim=(0, 1), title=f"position {k + 1}", xlabel="predicted a_k")
+    axes[0][0].set_ylabel("observed")
+    axes[0][0].legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return True
 
 
 # -----------------------------------------------------------------------------
@@ -273,11 +268,10 @@ def threshold_lengths(conf, threshold):
 def record_trace(target, drafter, prompt_ids, max_new_tokens, K, temperature=0.0, generator=None):
     """Speculative decoding of one prompt with K drafts per round (evaluate's loop: lossless) ->
     [(conf [K] raw confidences, n accepted drafts)] per round."""
-    from evaluate import speculative_generate
-    if getattr(drafter, "confidence_head", None) is None:
+    if not drafter.has_confidence:
         raise SystemExit(f"scheduler: {type(drafter).__name__} has no confidence head: train a DSpark drafter "
                          f"with enable_confidence_head=True")
-    res = speculative_generate(target, drafter, prompt_ids, max_new_tokens, temperature, block_size=K,
+    res = speculative_generate(target, drafter, prompt_ids, max_new_tokens, temperature, num_drafts=K,
                                generator=generator)
     return [(c.float().cpu(), n) for c, (_, n, _) in zip(res["conf"], res["rounds"])]
 
@@ -307,21 +301,18 @@ def simulate(conf, accepted, sps, R, policy, steps=500, threshold=0.5):
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
-    from tqdm import tqdm
-    from evaluate import drafter_block_size, load_drafter, messages_of, resolve_draft, target_of
-    from prompts import load_task
-    from target import load_target
+    check_ranges("scheduler", config, {
+        **dict.fromkeys(("calib_prompts", "heldout_prompts", "num_drafts", "temperature"), NON_NEGATIVE),
+        **dict.fromkeys(("max_new_tokens", "sts_grid", "ece_bins", "sps_repeats", "sim_steps"), POSITIVE),
+        "sps_context": NON_NEGATIVE, "conf_threshold": Range(lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "concurrency": Range(lambda v: len(v) > 0 and min(v) >= 1, "a non-empty list of integers >= 1")})
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
 
     # --- models and traces --------------------------------------------------------
-    draft_path, draft_cfg = resolve_draft(draft)
-    tgt = load_target(target or target_of(draft_cfg), dtype=dtype, device=device,
-                      layer_ids=draft_cfg.get("text_config", draft_cfg).get("target_layer_ids"),
-                      mask_token_id=draft_cfg.get("mask_token_id"))
-    drafter = load_drafter(draft_path, tgt)
-    K = block_size or drafter_block_size(drafter)
-    rows = load_task(task, data_dir, calib_prompts + num_prompts if num_prompts else 0)
+    tgt, drafter, draft_path = load(checkpoint, target, dtype, device)
+    K = num_drafts or drafter.proposal_length
+    rows = load_task(task, data_dir, calib_prompts + heldout_prompts if heldout_prompts else 0)
     if len(rows) <= calib_prompts:
         raise SystemExit(f"scheduler: {task} has {len(rows)} prompts, none left after calib_prompts={calib_prompts}")
     print(f"scheduler: target {tgt.name}, drafter {draft_path}, K={K}, {len(rows)} prompts of {task} "
@@ -348,8 +339,9 @@ if __name__ == "__main__":
         write_json(os.path.join(draft_path, "calibration.json"), dict(
             format="nanospec-calibration", version=1, method="sequential temperature scaling (DSpark s.3.2.1)",
             temperatures=temps, task=task, prompts=calib_prompts, sampling_temperature=temperature, heldout=cal_rows))
-        reliability_diagram(os.path.join(draft_path, "reliability.png"), conf, acc, temps, ece_bins)
-        print(f"scheduler: wrote {draft_path}/calibration.json and reliability.png (red raw, blue STS, gray rounds)")
+        png = reliability_diagram(os.path.join(draft_path, "reliability.png"), conf, acc, temps, ece_bins)
+        print(f"scheduler: wrote {draft_path}/calibration.json" + (" and reliability.png (red raw, blue STS, gray "
+              "rounds)" if png else "; no reliability.png: `pip install matplotlib` for the picture"))
 
     # --- engine profile ------------------------------------------------------------------
     max_batch = max(concurrency) * (K + 1)

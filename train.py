@@ -33,9 +33,16 @@ import time
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-from configurator import configure
+from build_cache import CacheReader, make_record, read_answers, render_sample  # the data path
+from configurator import NON_NEGATIVE, POSITIVE, Range, atomic_path, check_ranges, configure, init_distributed
+from evaluate import measure_tau
+from model_dflash import CFG_KEYS, DFlash
+from model_dspark import DSpark
+from model_eagle3 import Eagle3
+from target import check_geometry, load_target
 
 # --- defaults: configs/*.py and --key=value override these ----------------------------------------
 # target and data
@@ -86,21 +93,23 @@ eval_max_new_tokens = 64
 resume = True                    # continue from out_dir/step_latest when it exists
 config = configure(globals())
 # refused before any work: these values would delete checkpoints, divide by zero or train on nothing
-bad = [(k, ">= 1") for k in ("keep_last", "save_interval", "log_interval", "epochs", "global_batch_size",
-                              "micro_batch_size", "num_anchors", "block_size") if globals()[k] < 1]
-bad += [("max_steps", ">= 0 (0 = from epochs)")] if max_steps < 0 else []
-bad += [("learning_rate", "> 0")] if learning_rate <= 0 else []
-bad += [("grad_clip", ">= 0 (0 = off)")] if grad_clip < 0 else []
-bad += [("warmup_frac", "in [0, 1]")] if not 0 <= warmup_frac <= 1 else []
-if bad:
-    key, want = bad[0]
-    raise SystemExit(f"train: {key} must be {want} (got {globals()[key]!r}): set --{key} or the config's {key}")
+check_ranges("train", config, {
+    **dict.fromkeys(("keep_last", "save_interval", "log_interval", "epochs", "global_batch_size", "micro_batch_size",
+                     "num_anchors", "block_size"), POSITIVE),
+    "max_steps": Range(lambda v: v >= 0, ">= 0 (0 = from epochs)"), "learning_rate": Range(lambda v: v > 0, "> 0"),
+    "grad_clip": Range(lambda v: v >= 0, ">= 0 (0 = off)"), "warmup_frac": Range(lambda v: 0 <= v <= 1, "in [0, 1]"),
+    **dict.fromkeys(("eval_interval", "draft_vocab_size", "markov_rank"), NON_NEGATIVE)})
 
 # --- out_dir: continue the run it holds (resume, from the newest complete checkpoint), never overwrite it -----
 os.makedirs(out_dir, exist_ok=True)
 latest = os.path.join(out_dir, "step_latest")
 saved = sorted((int(d[5:]) for d in os.listdir(out_dir) if d[:5] == "step_" and d[5:].isdigit()), reverse=True)
-complete = lambda p: all(os.path.exists(f"{p}/{f}") for f in ("model.safetensors", "train_state.pt", "config.json"))
+
+
+def complete(path):
+    return all(os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "train_state.pt", "config.json"))
+
+
 ckpt = next((p for p in [latest] + [os.path.join(out_dir, f"step_{s}") for s in saved] if complete(p)), None)
 if not resume and (saved or os.path.lexists(latest) or os.path.exists(os.path.join(out_dir, "metrics.jsonl"))):
     raise SystemExit(f"train: {out_dir} holds another run (resume=False would overwrite its checkpoints and mix both "
@@ -110,17 +119,8 @@ if resume and saved and ckpt is None:
                      f"train_state.pt and config.json): move it away or pass another --out_dir")
 
 # --- distributed init: plain torchrun, one process works unchanged ------------------------------
-ddp = int(os.environ.get("RANK", -1)) != -1
-device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-if ddp:
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-else:
-    rank, world = 0, 1
-master = rank == 0
+rank, world, device = init_distributed(device)
+ddp, master = dist.is_initialized(), rank == 0
 per_rank = global_batch_size // world
 assert global_batch_size % (world * micro_batch_size) == 0, \
     f"global_batch_size {global_batch_size} must be a multiple of world size {world} x micro_batch_size {micro_batch_size}"
@@ -130,25 +130,10 @@ autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dtype == "bfloat16" a
     else torch.autocast("cpu", enabled=False)
 
 # --- target and data ------------------------------------------------------------------------------
-from build_cache import CacheReader, make_record, read_answers, render_sample  # noqa: E402
-from target import load_target  # noqa: E402
-
 tgt = load_target(target, dtype=dtype, device=device, layer_ids=target_layer_ids, mask_token_id=mask_token_id)
 
 
-def check_geometry(cfg, geometry):
-    """The downloaded target must be the one the config was written for."""
-    if not geometry:
-        return
-    have = dict(layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
-                kv_heads=cfg.num_key_value_heads, head_dim=getattr(cfg, "head_dim", None), vocab=cfg.vocab_size)
-    bad = {k: (v, have.get(k)) for k, v in geometry.items() if have.get(k) != v}
-    if bad:
-        raise SystemExit(f"train: target {target} does not match the config's target_geometry: "
-                         + ", ".join(f"{k} expected {a} got {b}" for k, (a, b) in bad.items()))
-
-
-check_geometry(tgt.config, target_geometry)
+check_geometry(tgt, target_geometry)
 answers_path = os.path.join(cache_dir, "answers.jsonl")
 if not os.path.exists(answers_path):
     raise SystemExit(f"train: no answers at {answers_path}; run `python build_cache.py <config> --stage=answers`"
@@ -216,29 +201,19 @@ def sample_generators(sample_ids, step):
 
 
 # --- model ---------------------------------------------------------------------------------------
-if drafter == "eagle3":
-    from model_eagle3 import Eagle3 as Drafter
-    drafter_cfg = dict(num_draft_layers=num_draft_layers, ttt_length=ttt_length, step_loss_decay=step_loss_decay)
-elif drafter in ("dspark", "dflash"):
-    from model_dflash import DFlash
-    from model_dspark import DSpark
-    Drafter = DSpark if drafter == "dspark" else DFlash
-    drafter_cfg = dict(block_size=block_size, num_draft_layers=num_draft_layers, num_anchors=num_anchors,
-                       loss_decay_gamma=loss_decay_gamma, mask_token_id=tgt.mask_token_id)
-    if drafter == "dspark":
-        drafter_cfg.update(markov_rank=markov_rank, markov_head_type=markov_head_type,
-                           enable_confidence_head=enable_confidence_head)
-else:
+DRAFTERS = {"dspark": DSpark, "dflash": DFlash, "eagle3": Eagle3}
+if drafter not in DRAFTERS:
     raise SystemExit(f"train: drafter must be dspark, dflash or eagle3, got {drafter!r}")
-drafter_cfg.update(target_layer_ids=tgt.layer_ids, draft_vocab_size=draft_vocab_size, target_name=target)
-model = Drafter.from_target(tgt, **drafter_cfg).to(device)
+# every drafter takes the same config keys (model_dflash.CFG_KEYS) and ignores the ones it does not use
+model = DRAFTERS[drafter].from_target(tgt, **{k: config[k] for k in CFG_KEYS if k in config}).to(device)
 if draft_vocab_size:  # the reduced head keeps the most frequent tokens of the training answers (DESIGN.md);
     # ties (often: tokens never seen in answers) go to tokens of the prompts, then to low ids: BPE merges are
     # numbered roughly by corpus frequency. Measured on SmolLM2: eval-prompt coverage 79% -> 90% at 8192.
     V, samples = tgt.config.vocab_size, list(map(answer_tokens, pool[:2000]))
     answer = torch.bincount(torch.cat([ids[m.bool()] for ids, m in samples]).cpu(), minlength=V)
     every = torch.bincount(torch.cat([ids for ids, _ in samples]).cpu(), minlength=V)
-    order = torch.argsort(answer * (every.max() + 1) + every, descending=True, stable=True)
+    order = torch.argsort(every, descending=True, stable=True)  # the tie-break first, then the main key:
+    order = order[torch.argsort(answer[order], descending=True, stable=True)]  # stable sorts keep the ties' order
     model.set_draft_vocab(order[:draft_vocab_size].sort().values)
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
@@ -250,7 +225,6 @@ if master:
 # --- resume ----------------------------------------------------------------------------------------
 step = 0
 if resume and ckpt:  # step_latest, or the newest complete step_<N> when step_latest is dangling or incomplete
-    from safetensors.torch import load_file
     state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location=device, weights_only=True)
     weights = load_file(os.path.join(ckpt, "model.safetensors"), device=str(device))
     model.load_state_dict({**model.state_dict(), **weights})
@@ -279,16 +253,12 @@ def save_checkpoint(step):
                          f"learning_rate; a rerun resumes from step_latest, the last good checkpoint")
     path = os.path.join(out_dir, f"step_{step}")
     raw_model.save_pretrained(path, include_frozen=save_frozen)
-    tmp = os.path.join(path, "train_state.pt.tmp")
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "samples_seen": step * global_batch_size}, tmp)
-    os.replace(tmp, os.path.join(path, "train_state.pt"))
-    with open(os.path.join(path, "nanospec_config.json"), "w") as f:
+    with atomic_path(os.path.join(path, "train_state.pt")) as tmp:
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, "samples_seen": step * global_batch_size}, tmp)
+    with atomic_path(os.path.join(path, "nanospec_config.json")) as tmp, open(tmp, "w") as f:
         json.dump(config, f, indent=1)
-    link = os.path.join(out_dir, ".step_latest.tmp")
-    if os.path.lexists(link):
-        os.remove(link)
-    os.symlink(f"step_{step}", link)
-    os.replace(link, latest)  # atomic: step_latest is always a complete checkpoint
+    with atomic_path(latest) as tmp:  # step_latest is always a complete checkpoint
+        os.symlink(f"step_{step}", tmp)
     older = sorted(int(d[5:]) for d in os.listdir(out_dir) if d[:5] == "step_" and d[5:].isdigit() and int(d[5:]) < step)
     for old in older[:max(0, len(older) - keep_last + 1)]:  # never the one just saved nor a newer leftover
         shutil.rmtree(os.path.join(out_dir, f"step_{old}"), ignore_errors=True)
@@ -352,7 +322,6 @@ while step < max_steps:
                          tok_s=f"{row['tokens_per_s']:.0f}")
         t0, tokens = time.time(), 0
     if master and eval_interval and (step % eval_interval == 0 or step == max_steps):
-        from evaluate import measure_tau
         raw_model.eval()
         prompts = [[m for m in a["messages"] if m["role"] == "user"][:1] for a in held_out]
         res = measure_tau(tgt, raw_model, prompts, max_new_tokens=eval_max_new_tokens, temperature=0.0)

@@ -50,8 +50,8 @@ def test_bench_decode_lossless(tmp_path):
     with open(tmp_path / "gsm8k.jsonl", "w") as f:
         for q in ("What is 12 plus 30? Answer: 42 42 42", "Count: one two one two one two"):
             f.write(json.dumps({"turns": [q]}) + "\n")
-    rec = bench.main(["decode", "--device=cpu", "--target=tiny-qwen3", f"--draft={tmp_path / 'd'}", "--tasks", "gsm8k",
-                      f"--data_dir={tmp_path}", "--prompts=2", "--max_new_tokens=16", "--block_sizes", "0", "2",
+    rec = bench.main(["decode", "--device=cpu", "--target=tiny-qwen3", f"--checkpoint={tmp_path / 'd'}", "--tasks", "gsm8k",
+                      f"--data_dir={tmp_path}", "--num_prompts=2", "--max_new_tokens=16", "--num_drafts", "0", "2",
                       "--repeats=1", f"--out={tmp_path / 'decode.json'}"])["results"]
     assert rec["block_size"] == 4 and set(rec["step_ms"]) == {1, 2, 3, 4, 5, 8, 16}
     assert all(ms > 0 for ms in rec["step_ms"].values())

@@ -28,7 +28,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM
        "TOKENIZERS_PARALLELISM": "false"}
 # the CLI settings of the tiny runs; the in-process fixture below mirrors them
 N, NEW, BS, SEED, MIN_SUP = 6, 20, 4, 0, 4
-CLI = ["configs/tiny.py", "--target=tiny-qwen3", f"--num_prompts={N}", f"--gen_max_new_tokens={NEW}", "--max_len=4096",
+CLI = ["configs/tiny.py", "--target=tiny-qwen3", f"--num_answers={N}", f"--gen_max_new_tokens={NEW}", "--max_len=4096",
        f"--gen_batch_size={BS}", f"--min_supervised={MIN_SUP}", "--cache_dtype=fp8", f"--seed={SEED}", "--device=cpu"]
 GEN = dict(max_new_tokens=NEW, temperature=0.7, top_p=0.8, top_k=20)
 
@@ -486,8 +486,9 @@ def test_corrupt_answer_lines_skipped_with_warning_and_regenerated_in_place(chat
     assert open(path).read() == body  # only the partial last line is cut
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{path}: skipped corrupt line(s) [3, 5]" in err
-    bc.read_answers(path)
-    assert capsys.readouterr().err == ""  # warned once
+    corrupt = []
+    assert bc.read_answers(path, corrupt=corrupt) == rows and corrupt == [3, 5]  # told to the caller, not printed
+    assert capsys.readouterr().err == ""
     bc.generate_answers(chatty, convs, list(range(7)), path, batch_size=3, **kw)
     assert open(path).read() == "".join(lines[:4] + [mine] + lines[5:])
     assert "regenerated missing sample(s) [2]" in capsys.readouterr().out

@@ -79,3 +79,18 @@ def test_keys_after_configure_call_are_not_config(tmp_path):
         run(["--late=2"])
     with pytest.raises(SystemExit, match="config file"):
         run(["not_a_config.txt"])
+
+
+def test_no_config_key_means_two_things(monkeypatch):
+    """The real scripts' namespaces: a key declared by several scripts is a SHARED_KEYS key (one meaning), and no two
+    keys are a short suffix apart. Power: the old traps (build_cache's num_prompts beside evaluate's, evaluate's
+    draft beside train's drafter) are reported."""
+    import os
+    monkeypatch.setattr(configurator, "HERE", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    real = {s: configurator.script_defaults(os.path.join(configurator.HERE, s)) for s in configurator.SCRIPTS}
+    assert configurator.collisions(real) == []
+    old = {**real, "build_cache.py": {**real["build_cache.py"], "num_prompts": 256}}
+    old["evaluate.py"] = {**real["evaluate.py"], "num_prompts": 0, "draft": ""}
+    problems = configurator.collisions(old)
+    assert any(p.startswith("num_prompts is declared by build_cache.py, evaluate.py") for p in problems)
+    assert any(p.startswith("draft (evaluate.py) and drafter (train.py)") for p in problems)

@@ -11,7 +11,9 @@ import evaluate as E
 import prompts
 from conftest import EVAL_DIR
 from kernels import logits_to_probs
-from target import load_target
+from helpers import sharpened_target
+from metrics import format_table, macro, merge, overall_rates, rates, tally
+from target import load_drafter, load_target, target_of
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead on the shared 2-core machine
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +29,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def sharp():
-    return load_target("tiny-qwen3", sharpen=60.0)
+    return sharpened_target("tiny-qwen3", 60.0)
 
 
 def real_drafter(kind, target):
@@ -49,7 +51,7 @@ class Oracle:
     receives the anchor + accepted tokens and, when `target` is given, their exact target features."""
 
     def __init__(self, full, V, wrong=lambda r, i: False, target=None):
-        self.full, self.V, self.wrong, self.target, self.block_size = list(full), V, wrong, target, K
+        self.full, self.V, self.wrong, self.target, self.proposal_length = list(full), V, wrong, target, K
 
     def start(self, prompt_ids, taps):
         assert len(taps) == len(prompt_ids)
@@ -74,7 +76,7 @@ class Oracle:
 
 class Constant:
     """Scripted drafter proposing token 0 everywhere (one-hot): a correct rule rejects it."""
-    block_size = K
+    proposal_length = K
 
     def start(self, prompt_ids, taps):
         return {}
@@ -91,7 +93,7 @@ class Distorted:
     context; tokens are drawn from q and q is returned, as the drafter contract says."""
 
     def __init__(self, target, warp):
-        self.target, self.warp, self.memo, self.block_size = target, warp, {}, K
+        self.target, self.warp, self.memo, self.proposal_length = target, warp, {}, K
 
     def q(self, ctx):
         if ctx not in self.memo:
@@ -206,7 +208,7 @@ def test_greedy_oracle_with_eos_in_block_and_budget(tiny):
                 wrong = lambda r, i, j=j: (r * 7 + i * 3 + j) % 5 == 0  # some slots wrong: partial acceptance
                 for budget in (1, 2, 5, 13, 40):
                     d = Oracle(ids.tolist() + ref, len(t.tokenizer), wrong, target=t if budget == 13 else None)
-                    res = E.speculative_generate(t, d, ids, budget, block_size=K)
+                    res = E.speculative_generate(t, d, ids, budget, num_drafts=K)
                     assert res["ids"] == ref[:budget], (name, j, budget)
                     assert sum(r[2] for r in res["rounds"]) + 1 == len(res["ids"])
                 # EOS = the token at 10 + j of the greedy text: plain decoding stops at its first occurrence
@@ -215,7 +217,7 @@ def test_greedy_oracle_with_eos_in_block_and_budget(tiny):
                 want = ref[:ref.index(stop) + 1]
                 if j == 0:
                     assert E.plain_generate(t, ids, 40)[0] == want
-                res = E.speculative_generate(t, Oracle(ids.tolist() + ref, len(t.tokenizer)), ids, 40, block_size=K)
+                res = E.speculative_generate(t, Oracle(ids.tolist() + ref, len(t.tokenizer)), ids, 40, num_drafts=K)
                 assert res["ids"] == want
                 k, n, c = res["rounds"][-1]
                 assert k == n == c and sum(r[2] for r in res["rounds"]) + 1 == len(want)
@@ -346,7 +348,7 @@ def test_chi2_pvalue():
 def sampled(t, d, ids, n, warp, N, tree_budget=0):
     """N seeded speculative samples of n tokens (chains of 2 drafts, or trees of tree_budget nodes)."""
     g = torch.Generator().manual_seed(N)
-    return [tuple(E.speculative_generate(t, d, ids, n, block_size=2, generator=g, tree_budget=tree_budget,
+    return [tuple(E.speculative_generate(t, d, ids, n, num_drafts=2, generator=g, tree_budget=tree_budget,
                                          **warp)["ids"]) for _ in range(N)]
 
 
@@ -386,18 +388,18 @@ def test_metrics_hand_computed(tiny):
         ref, _ = E.plain_generate(t, ids, 20)
         first_wrong = {0: 1, 1: 9, 2: 0, 3: 2}  # round -> first wrong slot (9: none) => accepted 1, 3, 0, 2
         d = Oracle(ids.tolist() + ref, len(t.tokenizer), lambda r, i: i == first_wrong.get(r))
-        d.block_size = 3
+        d.proposal_length = 3
         res = E.speculative_generate(t, d, ids, 1 + 2 + 4 + 1 + 3)
     finally:
         t.eos_token_ids = eos0
     assert res["rounds"] == [(3, 1, 2), (3, 3, 4), (3, 0, 1), (3, 2, 3)]
-    r = E.rates(E.tally(res["rounds"], 3))
+    r = rates(tally(res["rounds"], 3))
     assert r["tau"] == 10 / 4 and r["mean_proposal_len"] == 3 and r["rounds"] == 4
     # slot 0: kept in rounds 1, 2, 4 of 4; slot 1: reached in 1, 2, 4, kept in 2, 4; slot 2: reached 2, 4, kept 2
     assert r["accept_rate_conditional"] == [3 / 4, 2 / 3, 1 / 2]
     assert r["accept_rate_cumulative"] == [3 / 4, 2 / 4, 1 / 4]
     # EOS at slot 1 of a round with 3 accepted: slots past EOS are not counted; merge pools counters
-    c = E.merge([E.tally([(2, 2, 2)], 3), E.tally([(3, 0, 1)], 3)])
+    c = merge([tally([(2, 2, 2)], 3), tally([(3, 0, 1)], 3)])
     assert c["slot_proposed"] == [2, 2, 1] and c["slot_reached"] == [2, 1, 0] and c["slot_accepted"] == [1, 1, 0]
     assert c["committed"] == 3 and c["rounds"] == 2
 
@@ -406,11 +408,11 @@ def test_accept_length_deepspec_counts_the_cut_last_round(tiny):
     """accept_length_deepspec counts the last round uncapped (all its accepted tokens + the bonus, as DeepSpec);
     tau stops at max_new_tokens. Equal when no round is cut."""
     # by hand: rounds commit 2 and 2, but the last round accepted 3 + bonus = 4 of which the budget kept 2
-    r = E.rates(E.tally([(3, 1, 2), (3, 3, 2)], 3, cut=2))
+    r = rates(tally([(3, 1, 2), (3, 3, 2)], 3, cut=2))
     assert r["tau"] == 4 / 2 and r["accept_length_deepspec"] == 6 / 2
-    r = E.rates(E.merge([E.tally([(3, 3, 4)], 3), E.tally([(3, 2, 1)], 3, cut=2), E.tally([(3, 0, 1)], 3)]))
+    r = rates(merge([tally([(3, 3, 4)], 3), tally([(3, 2, 1)], 3, cut=2), tally([(3, 0, 1)], 3)]))
     assert r["tau"] == 6 / 3 and r["accept_length_deepspec"] == 8 / 3
-    assert E.rates(E.tally([(3, 1, 2), (3, 3, 4)], 3))["accept_length_deepspec"] == 3.0  # nothing cut: = tau
+    assert rates(tally([(3, 1, 2), (3, 3, 4)], 3))["accept_length_deepspec"] == 3.0  # nothing cut: = tau
     # decoded: the scripted rounds of test_metrics_hand_computed accept 1, 3, 0, 2 (+ bonus each) = 10 tokens
     t = tiny["tiny-qwen3"]
     eos0 = t.eos_token_ids
@@ -422,10 +424,10 @@ def test_accept_length_deepspec_counts_the_cut_last_round(tiny):
         got = {}
         for budget in (11, 10, 5):  # 1 prefill token + 10: no cut; 10: the 4th round cut by 1; 5: the 2nd by 2
             d = Oracle(ids.tolist() + ref, len(t.tokenizer), lambda r, i: i == first_wrong.get(r))
-            d.block_size = 3
+            d.proposal_length = 3
             res = E.speculative_generate(t, d, ids, budget)
             assert res["ids"] == ref[:budget]
-            got[budget] = E.rates(E.tally(res["rounds"], 3, res["cut"]))
+            got[budget] = rates(tally(res["rounds"], 3, res["cut"]))
     finally:
         t.eos_token_ids = eos0
     assert got[11]["tau"] == got[11]["accept_length_deepspec"] == 10 / 4
@@ -436,10 +438,10 @@ def test_accept_length_deepspec_counts_the_cut_last_round(tiny):
 def test_macro_and_table_labels():
     """tau_macro is the unweighted task mean (tasks without rounds skipped); the table shows it in a 'mean of
     tasks' row beside the pooled overall, and tree mode labels the per-slot rates per depth, not as DeepSpec's."""
-    assert E.macro({"a": {"tau": 2.0}, "b": {"tau": 3.5}, "c": {"tau": None}}) == 2.75
-    assert E.macro({"a": {"tau": None}}) is None
-    long, short = E.tally([(3, 0, 1)] * 3, 3), E.tally([(3, 3, 4)], 3, cut=1)  # taus 1 and 4; 5 with the cut
-    o = E.overall_rates({"a": E.rates(long), "b": E.rates(short)}, [long, short])
+    assert macro({"a": {"tau": 2.0}, "b": {"tau": 3.5}, "c": {"tau": None}}) == 2.75
+    assert macro({"a": {"tau": None}}) is None
+    long, short = tally([(3, 0, 1)] * 3, 3), tally([(3, 3, 4)], 3, cut=1)  # taus 1 and 4; 5 with the cut
+    o = overall_rates({"a": rates(long), "b": rates(short)}, [long, short])
     assert o["tau"] == 7 / 4 and o["tau_macro"] == (1 + 4) / 2  # pooled vs the paper's mean of tasks
     assert o["accept_length_deepspec"] == 8 / 4 and o["accept_length_deepspec_macro"] == (1 + 5) / 2
     row = lambda tau, ds, n: dict(prompts=1, new_tokens=10, rounds=n, tau=tau, accept_length_deepspec=ds,
@@ -447,13 +449,13 @@ def test_macro_and_table_labels():
                                   draft_s=0.0, verify_s=0.0, accept_rate_conditional=[0.5], accept_rate_cumulative=[0.5])
     tasks = {"a": row(2.0, 2.25, 1), "b": row(4.0, 4.0, 3)}
     overall = dict(row(3.5, 3.56, 4), tau_macro=3.0, accept_length_deepspec_macro=3.125)
-    chain = E.format_table(tasks, overall)
+    chain = format_table(tasks, overall)
     assert "DeepSpec accept_rate@i" in chain and "tau_ds" in chain
     mean = [line for line in chain.splitlines() if line.startswith("mean of tasks")]
     assert len(mean) == 1 and mean[0].split()[3:] == ["3.00", "3.12"]
-    tree = E.format_table(tasks, overall, tree=True)
+    tree = format_table(tasks, overall, tree=True)
     assert "DeepSpec" not in tree.splitlines()[0] and "depth" in tree.splitlines()[0]
-    assert "mean of tasks" not in E.format_table({"a": tasks["a"]}, overall)  # one task: the row would repeat it
+    assert "mean of tasks" not in format_table({"a": tasks["a"]}, overall)  # one task: the row would repeat it
 
 
 def test_warmup_runs_the_timed_paths(tiny, monkeypatch):
@@ -511,18 +513,18 @@ def test_load_drafter_and_mismatch_errors(tiny, tmp_path):
     for kind in ("dflash", "dspark", "eagle3"):
         d = real_drafter(kind, t)
         d.save_pretrained(str(tmp_path / kind))
-        loaded = E.load_drafter(str(tmp_path / kind), t)
+        loaded = load_drafter(str(tmp_path / kind), t)
         assert type(loaded) is type(d)
         ids = ids_of(t, "Hi")
         assert E.speculative_generate(t, loaded, ids, 10)["ids"] == E.speculative_generate(t, d, ids, 10)["ids"]
     cfg = json.loads((tmp_path / "dspark" / "config.json").read_text())
-    assert E.target_of(cfg) == "tiny-qwen3"
+    assert target_of(cfg) == "tiny-qwen3"
     (tmp_path / "dspark" / "config.json").write_text(json.dumps({**cfg, "hidden_size": 128}))
     with pytest.raises(SystemExit, match="hidden_size=128.*--target"):
-        E.load_drafter(str(tmp_path / "dspark"), t)
+        load_drafter(str(tmp_path / "dspark"), t)
     (tmp_path / "dspark" / "config.json").write_text(json.dumps({**cfg, "target_layer_ids": [0, 1, 2, 3, 5]}))
     with pytest.raises(SystemExit, match="taps layers"):
-        E.load_drafter(str(tmp_path / "dspark"), t)
+        load_drafter(str(tmp_path / "dspark"), t)
     with pytest.raises(SystemExit, match="prompt x\\[0\\].*max_new_tokens"):
         E.check_length(t, torch.zeros(2000, dtype=torch.long), 100, K, "prompt x[0]")
 
@@ -539,7 +541,7 @@ def test_cli_report_resume_and_prompt_mode(tiny, tmp_path, monkeypatch, capsys):
 
     def main(*args):
         monkeypatch.setattr("sys.argv", ["evaluate.py", "--task=mini", f"--data_dir={tmp_path}",
-                                         f"--draft={tmp_path / 'drafter'}", "--max_new_tokens=8", *args])
+                                         f"--checkpoint={tmp_path / 'drafter'}", "--max_new_tokens=8", *args])
         try:
             runpy.run_path(os.path.join(ROOT, "evaluate.py"), run_name="__main__")
         except SystemExit as e:
@@ -571,6 +573,39 @@ def test_cli_report_resume_and_prompt_mode(tiny, tmp_path, monkeypatch, capsys):
     assert "tau" in text and "conditional acceptance" in text
 
 
+def test_cli_resume_keyed_on_prompt_text_lock_and_bad_input(tiny, tmp_path, monkeypatch, capsys):
+    """A resumed row is reused only for the same prompt text (a task file edited in place decodes that prompt
+    again); a second writer of the same report is refused; bad values, an --out directory and a task without
+    prompts stop with one line before any decoding."""
+    import fcntl
+    real_drafter("dspark", tiny["tiny-qwen3"]).save_pretrained(str(tmp_path / "drafter"))
+    task_file, out = tmp_path / "mini.jsonl", str(tmp_path / "report.json")
+    task_file.write_text("".join(json.dumps({"turns": [f"Say {i}"]}) + "\n" for i in range(3)))
+
+    def main(*args):
+        monkeypatch.setattr("sys.argv", ["evaluate.py", "--task=mini", f"--data_dir={tmp_path}", "--baseline=False",
+                                         f"--checkpoint={tmp_path / 'drafter'}", "--max_new_tokens=6", *args])
+        try:
+            runpy.run_path(os.path.join(ROOT, "evaluate.py"), run_name="__main__")
+        except SystemExit as e:
+            return str(e.code) if e.code else capsys.readouterr().out
+        return capsys.readouterr().out
+
+    main(f"--out={out}")
+    task_file.write_text("".join(json.dumps({"turns": [f"Say {i}" if i != 1 else "Something else"]}) + "\n"
+                                 for i in range(3)))
+    assert "resuming, 2 prompts already done" in main(f"--out={out}")  # prompt 1 changed: decoded again
+    with open(out + ".partial.jsonl") as held:  # another run holds the report
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert "another evaluate.py is writing" in main(f"--out={out}")
+    for bad, key in (("--top_p=0", "top_p"), ("--tree_budget=-1", "tree_budget"), ("--turns=-1", "turns"),
+                     ("--temperature=-1", "temperature"), ("--num_prompts=-3", "num_prompts")):
+        assert main(bad).startswith(f"evaluate: {key} must be"), bad
+    assert "is a directory" in main(f"--out={tmp_path}")
+    (tmp_path / "empty.jsonl").write_text("")
+    assert "no prompts to decode" in main("--task=empty")
+
+
 def test_cli_device_macro_and_tree_labels(tiny, tmp_path, monkeypatch, capsys):
     """The device default "" resolves to cuda when available, else cpu (recorded in the report); with two tasks
     overall.tau_macro is the mean of the task taus, printed as 'mean of tasks'; tree mode labels rates per depth."""
@@ -582,7 +617,7 @@ def test_cli_device_macro_and_tree_labels(tiny, tmp_path, monkeypatch, capsys):
     (tmp_path / "two.jsonl").write_text("".join(json.dumps({"turns": [f"Count to {i}"]}) + "\n" for i in range(2)))
     out = tmp_path / "report.json"
     monkeypatch.setattr("sys.argv", ["evaluate.py", "--task=one,two", f"--data_dir={tmp_path}", "--max_new_tokens=7",
-                                     f"--draft={tmp_path / 'drafter'}", "--baseline=False", "--tree_budget=4",
+                                     f"--checkpoint={tmp_path / 'drafter'}", "--baseline=False", "--tree_budget=4",
                                      f"--out={out}"])
     runpy.run_path(os.path.join(ROOT, "evaluate.py"), run_name="__main__")
     text, rep = capsys.readouterr().out, json.load(open(out))
@@ -604,7 +639,7 @@ def test_torchrun_two_ranks_match_one_process(tiny, tmp_path, monkeypatch, capsy
     import sys
     real_drafter("dflash", tiny["tiny-qwen3"]).save_pretrained(str(tmp_path / "drafter"))
     (tmp_path / "mini.jsonl").write_text("".join(json.dumps({"turns": [f"Say {i}"]}) + "\n" for i in range(3)))
-    args = ["--task=mini", f"--data_dir={tmp_path}", f"--draft={tmp_path / 'drafter'}", "--max_new_tokens=10",
+    args = ["--task=mini", f"--data_dir={tmp_path}", f"--checkpoint={tmp_path / 'drafter'}", "--max_new_tokens=10",
             "--temperature=0.7", "--save_outputs", "--baseline=False"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

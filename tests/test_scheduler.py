@@ -60,9 +60,10 @@ def test_calibration_file_and_diagram(tmp_path):
     with pytest.raises(SystemExit, match="HINT"):
         load_calibration(str(tmp_path))
     conf, acc = overconfident(500, 3, seed=1)
-    reliability_diagram(str(tmp_path / "r.png"), conf, acc, [3.0, 3.0, 3.0])
+    assert reliability_diagram(str(tmp_path / "r.png"), conf, acc, [3.0, 3.0, 3.0])
     data = (tmp_path / "r.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data.endswith(b"IEND\xaeB`\x82")
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # written through atomic_path
 
 
 # --- Algorithm 1 -------------------------------------------------------------------------------
@@ -238,10 +239,10 @@ def test_simulator_limits():
 def test_record_trace_with_tiny_dspark():
     """A real DSpark drafter on a tiny target: one (conf [K] in (0, 1), accepted in [0, K]) per round, and
     the rounds' accepted drafts plus bonus tokens account for the generated length."""
+    from helpers import sharpened_target
     from model_dspark import DSpark
-    from target import load_target
     torch.manual_seed(0)
-    tgt = load_target("tiny-qwen3", sharpen=20.0)
+    tgt = sharpened_target("tiny-qwen3", 20.0)
     d = DSpark.from_target(tgt, block_size=4, num_draft_layers=1, markov_rank=16).eval()
     ids = tgt.render_prompt([{"role": "user", "content": "count to ten"}])
     g = torch.Generator().manual_seed(0)

@@ -7,7 +7,8 @@ import torch
 from safetensors import safe_open
 
 import evaluate as E
-from target import load_target
+from prompts import messages_of
+from target import find_checkpoint, load_drafter, load_target, target_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "drafters", "smollm2_dspark")
@@ -27,15 +28,15 @@ def test_shipped_files_are_small_and_omit_the_frozen_target_tensors():
 
 
 def test_shipped_drafter_is_lossless_and_accepts_drafts(one_thread):
-    path, cfg = E.resolve_draft(SHIPPED)
-    assert E.target_of(cfg) == "smollm2"
+    path, cfg = find_checkpoint(SHIPPED)
+    assert target_of(cfg) == "smollm2"
     target = load_target("smollm2", layer_ids=cfg["target_layer_ids"], mask_token_id=cfg.get("mask_token_id"))
-    drafter = E.load_drafter(path, target)
+    drafter = load_drafter(path, target)
     rounds = tokens = 0
     for text in PROMPTS:
-        ids = target.render_prompt(E.messages_of(text))
+        ids = target.render_prompt(messages_of(text))
         plain, _ = E.plain_generate(target, ids, 48)
-        res = E.speculative_generate(target, drafter, ids, 48, block_size=3)
+        res = E.speculative_generate(target, drafter, ids, 48, num_drafts=3)
         assert res["ids"] == plain  # greedy speculative decoding reproduces the target exactly
         rounds, tokens = rounds + len(res["rounds"]), tokens + sum(r[2] for r in res["rounds"])
     # a randomly initialized drafter commits ~1.0 token per round; the shipped one measured well above 2

@@ -28,7 +28,7 @@ def run(args, nproc=1):
 def cache(tmp_path_factory):
     """Answers and bf16 feature shards from the tiny target (one build_cache.py run)."""
     d = str(tmp_path_factory.mktemp("cache"))
-    run(["build_cache.py", TINY, f"--cache_dir={d}", "--cache_dtype=bf16", "--num_prompts=16"])
+    run(["build_cache.py", TINY, f"--cache_dir={d}", "--cache_dtype=bf16", "--num_answers=16"])
     return d
 
 
@@ -74,7 +74,7 @@ def test_normalization_is_deepspecs(cache, tmp_path, drafter):
     so the old rule (one global supervised weight for the whole step) gives another number and would fail."""
     import json
     from build_cache import CacheReader
-    from evaluate import load_drafter
+    from target import load_drafter
     from target import load_target
     out = tmp_path / drafter
     train(cache, out, 2, drafter=drafter, save_interval=1, log_interval=1, keep_last=5, num_anchors=64,
@@ -110,7 +110,7 @@ def test_normalization_is_deepspecs(cache, tmp_path, drafter):
 def bf16_cache(tmp_path_factory):
     """A bf16 cache of a bf16 target: online mode (no rounding) then computes the very same features."""
     d = str(tmp_path_factory.mktemp("cache16"))
-    run(["build_cache.py", TINY, f"--cache_dir={d}", "--num_prompts=16", "--dtype=bfloat16"])
+    run(["build_cache.py", TINY, f"--cache_dir={d}", "--num_answers=16", "--dtype=bfloat16"])
     return d
 
 
@@ -273,7 +273,7 @@ def test_non_finite_weights_are_never_saved(run4, tmp_path):
     on import, so its save_checkpoint is compiled alone against the globals it reads.)"""
     import ast
     import json
-    from evaluate import load_drafter
+    from target import load_drafter
     from target import load_target
     out = copy_of(run4, tmp_path)
     model = load_drafter(str(run4 / "step_4"), load_target("tiny-qwen3"))
@@ -338,7 +338,7 @@ def test_resume_stops_without_a_complete_checkpoint(cache, run4, tmp_path):
 def test_load_drafter_refuses_non_finite_weights(run4, tmp_path):
     """evaluate.load_drafter stops on a drafter with a NaN weight, naming the file and the tensor."""
     from safetensors.torch import save_file
-    from evaluate import load_drafter
+    from target import load_drafter
     from target import load_target
     d = tmp_path / "drafter"
     shutil.copytree(run4 / "step_4", d)

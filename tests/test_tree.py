@@ -11,6 +11,7 @@ import torch
 import evaluate as E
 import kernels
 from kernels import logits_to_probs
+from helpers import sharpened_target
 from target import load_target
 from test_evaluate import PROMPTS, Distorted, chi2_test, exact_law, ids_of, real_drafter, sampled
 
@@ -27,7 +28,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def sharp():
-    return load_target("tiny-qwen3", sharpen=60.0)
+    return sharpened_target("tiny-qwen3", 60.0)
 
 
 def random_tree(n, g, V):
@@ -125,7 +126,7 @@ class TreeOracle:
 
     def __init__(self, full, V, one_hot=False, wrong=lambda pos: False, target=None):
         self.full, self.V, self.one_hot, self.wrong, self.target = list(full), V, one_hot, wrong, target
-        self.block_size = K
+        self.proposal_length = K
 
     def start(self, prompt_ids, taps):
         return {"n": len(prompt_ids)}
@@ -185,7 +186,7 @@ def test_greedy_tree_oracle_deep_paths(tiny):
             ref, _ = E.plain_generate(t, ids, 30)
             for budget, n in ((2, 30), (5, 7), (12, 30), (12, 1)):
                 d = TreeOracle(ids.tolist() + ref, len(t.tokenizer), target=t if (j, budget) == (0, 5) else None)
-                res = E.speculative_generate(t, d, ids, n, block_size=K, tree_budget=budget)
+                res = E.speculative_generate(t, d, ids, n, num_drafts=K, tree_budget=budget)
                 assert res["ids"] == ref[:n], (name, text, budget)
                 if n == 30:
                     assert max(r[1] for r in res["rounds"]) >= min(budget // 2, K), res["rounds"]
@@ -198,14 +199,14 @@ def test_chain_shaped_tree_reproduces_chain(tiny):
     ids = ids_of(t, PROMPTS[1])
     ref, _ = E.plain_generate(t, ids, 25)
     make = lambda: TreeOracle(ids.tolist() + ref, len(t.tokenizer), one_hot=True, wrong=lambda pos: pos % 5 == 0)
-    chain = E.speculative_generate(t, make(), ids, 25, block_size=K)
-    tree = E.speculative_generate(t, make(), ids, 25, block_size=K, tree_budget=K)
+    chain = E.speculative_generate(t, make(), ids, 25, num_drafts=K)
+    tree = E.speculative_generate(t, make(), ids, 25, num_drafts=K, tree_budget=K)
     assert tree["ids"] == chain["ids"] == ref and tree["rounds"] == chain["rounds"]
     assert len(set(r[1] for r in chain["rounds"])) > 1  # partial acceptance happened
     for kind in ("dflash", "dspark", "eagle3"):
         d = real_drafter(kind, t)
-        chain = E.speculative_generate(t, d, ids, 12, block_size=K)
-        tree = E.speculative_generate(t, OneHot(d), ids, 12, block_size=K, tree_budget=K)
+        chain = E.speculative_generate(t, d, ids, 12, num_drafts=K)
+        tree = E.speculative_generate(t, OneHot(d), ids, 12, num_drafts=K, tree_budget=K)
         assert tree["ids"] == chain["ids"] == ref[:12] and tree["rounds"] == chain["rounds"], kind
 
 
@@ -401,7 +402,7 @@ def test_bench_tree_cpu(tmp_path):
     import json
     import bench
     out = tmp_path / "tree.json"
-    bench.main(["tree", "--device=cpu", "--target=tiny-qwen3", f"--draft={tmp_path}", "--prompts=1",
+    bench.main(["tree", "--device=cpu", "--target=tiny-qwen3", f"--checkpoint={tmp_path}", "--num_prompts=1",
                 "--max_new_tokens=8", "--prefix", "40", "--nodes", "8", "--repeats=1", "--budgets", "0", "12",
                 f"--out={out}"])
     r = json.load(open(out))["results"]
