@@ -47,15 +47,14 @@ import sys
 import time
 
 import torch
+from transformers import AutoModelForCausalLM, Qwen3Config
 
 import evaluate
 import kernels
 from configurator import atomic_path, configure, script_defaults
-from model_dflash import CFG_KEYS, DFlash
 from model_dspark import DSpark
-from model_eagle3 import Eagle3
 from prompts import load_task, messages_of
-from target import DTYPES, Target, load, load_target, tiny_tokenizer
+from target import DTYPES, Target, load, load_target, new_drafter, tiny_tokenizer
 
 GEOMETRY = {  # N rows (tokens), hidden H, vocab V, Markov rank r
     "cpu": dict(N=448, H=576, V=49152, r=256, dtype="float32"),  # SmolLM2-135M
@@ -66,6 +65,43 @@ TREE_PROMPTS = ["Write a short story about a robot who learns to paint.", "Expla
 
 # -----------------------------------------------------------------------------
 # one variant, run inside a fresh subprocess
+
+
+# -----------------------------------------------------------------------------
+# naive references: full [N, V] softmaxes, autograd does the backward. What kernels.py's fused losses compute
+# (tests/test_kernels.py checks them against these) and the baseline `bench.py loss` measures them against.
+
+
+def _naive_logits(h_draft, h_target, W, weights, bias=None):
+    zd = (h_draft @ W.T).float()  # (N, V)
+    if bias is not None:  # low-rank Markov bias A @ Bm.T
+        A, Bm = bias
+        zd = zd + (A @ Bm.T).float()
+    keep = torch.ones(zd.shape[0], dtype=torch.bool, device=zd.device) if weights is None else weights != 0
+    return zd, (h_target @ W.T).float(), keep
+
+
+def naive_dspark_loss(h_draft, h_target, labels, W, bias=None, weights=None, return_argmax=False):
+    zd, zt, keep = _naive_logits(h_draft, h_target, W, weights, bias)
+    logp_d = torch.log_softmax(zd, -1)
+    p_d, p_t = logp_d.exp(), torch.softmax(zt, -1)
+    ce = -logp_d.gather(1, labels.clamp(min=0)[:, None])[:, 0]
+    ce = torch.where(keep & (labels >= 0), ce, 0.0)
+    l1 = torch.where(keep, (p_d - p_t).abs().sum(-1), 0.0)
+    c_star = (1 - l1.detach() / 2).clamp(0, 1)
+    if not return_argmax:
+        return ce, l1, c_star
+    return ce, l1, c_star, torch.where(keep, zd.argmax(-1), -1), torch.where(keep, zt.argmax(-1), -1)
+
+
+def naive_soft_ce(h_draft, h_target, W, weights=None, return_stats=False):
+    zd, zt, keep = _naive_logits(h_draft, h_target, W, weights)
+    logp_d, p_t = torch.log_softmax(zd, -1), torch.softmax(zt, -1)
+    loss = torch.where(keep, -(p_t * logp_d).sum(-1), 0.0)
+    if not return_stats:
+        return loss
+    l1 = torch.where(keep, (logp_d.exp() - p_t).abs().sum(-1), 0.0).detach()
+    return loss, l1, torch.where(keep, zd.argmax(-1), -1), torch.where(keep, zt.argmax(-1), -1)
 
 
 def _status_kb(key):  # a field of /proc/self/status, in kB
@@ -92,10 +128,10 @@ def _step(loss, impl, x):
         if k in x:
             x[k].grad = None
     if loss == "soft_ce":
-        fn = kernels.fused_soft_ce if impl == "fused" else kernels.naive_soft_ce
+        fn = kernels.fused_soft_ce if impl == "fused" else naive_soft_ce
         out = fn(x["hd"], x["ht"], x["W"], weights=x["weights"]).sum()
     else:  # DSpark's loss terms (the BCE of the confidence head needs no vocabulary)
-        fn = kernels.fused_dspark_loss if impl == "fused" else kernels.naive_dspark_loss
+        fn = kernels.fused_dspark_loss if impl == "fused" else naive_dspark_loss
         ce, l1, _ = fn(x["hd"], x["ht"], x["labels"], x["W"], bias=(x["A"], x["Bm"]), weights=x["weights"])
         out = (0.1 * ce + 0.9 * l1).sum()
     out.backward()
@@ -300,7 +336,6 @@ def recipe(drafter, device):
 def random_qwen3_4b(device, dtype=torch.bfloat16):
     """A Target of Qwen3-4B's geometry with random weights (no download), built directly on `device`
     ("meta": shapes only, no memory). As target.py's tiny targets: HF config -> from_config, byte tokenizer."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(Qwen3Config(**QWEN3_4B), dtype=dtype)
     c = recipe("dspark", "cuda")
@@ -311,12 +346,11 @@ def random_qwen3_4b(device, dtype=torch.bfloat16):
 def build_drafter(name, target, c, device):
     """train.py's model section for drafter `name` with recipe c, built on `device` (from the bare config when
     the target lives on the meta device: random frozen embedding/head, same shapes)."""
-    kw = {**{k: c[k] for k in CFG_KEYS if k in c}, "target_name": target.name}
-    if kw.get("draft_vocab_size", 0) >= target.config.vocab_size:
-        kw["draft_vocab_size"] = 0  # tiny targets: the full vocabulary
+    c = {**c, "target_name": target.name}
+    if c["draft_vocab_size"] >= target.config.vocab_size:
+        c["draft_vocab_size"] = 0  # tiny targets: the full vocabulary
     with torch.device(device):  # parameters born on the device: no CPU init of a 1.5B-parameter drafter
-        return {"dspark": DSpark, "dflash": DFlash, "eagle3": Eagle3}[name].from_target(
-            target.config if target.device.type == "meta" else target, **kw)
+        return new_drafter(name, target.config if target.device.type == "meta" else target, c)
 
 
 def synthetic_batch(target, B, T, device):

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.distributed as dist
+from transformers import GenerationConfig, LogitsProcessorList
 
 from configurator import FRACTION, NON_NEGATIVE, POSITIVE, atomic_path, check_ranges, configure, init_distributed
 from kernels import logits_to_probs
@@ -73,7 +74,6 @@ def sample_seed(seed, sample_id, turn=0):
 def generate_batch(target, prompts, seeds, max_new_tokens=256, temperature=0.7, top_p=0.8, top_k=20):
     """Message lists ending with a user turn -> [(answer, "stop" | "length")] from one batched generate(). Row b
     samples with its own generator seeds[b]: an answer is the same in any batch (up to padding float noise)."""
-    from transformers import GenerationConfig, LogitsProcessorList
     ids = [target.render_prompt(m) for m in prompts]  # thinking off
     B, W, dev, eos = len(ids), max(len(x) for x in ids), target.device, sorted(target.eos_token_ids)
     pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else eos[0]

@@ -17,6 +17,9 @@ import difflib
 import os
 import sys
 
+import torch
+import torch.distributed as dist
+
 SCRIPTS = ("build_cache.py", "train.py", "evaluate.py", "scheduler.py")
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_TYPES = (bool, int, float, str, list, tuple, dict, type(None))
@@ -142,7 +145,8 @@ def configure(defaults, argv=None, verbose=True):
     argv = sys.argv[1:] if argv is None else argv
     # a script's keys are its literal assignments before configure() (not what it imported, e.g. a dict)
     names = script_defaults(defaults["__file__"]) if "__file__" in defaults else defaults
-    own = {k: defaults[k] for k in names if k in defaults and not k.startswith("_") and isinstance(defaults[k], CONFIG_TYPES)}
+    own = {k: defaults[k] for k in names
+           if k in defaults and not k.startswith("_") and isinstance(defaults[k], CONFIG_TYPES)}
     known = {**known_keys(), **own}
     config_file, pairs = parse_args(argv, known)
     overrides = {}
@@ -208,8 +212,6 @@ def atomic_path(path):
 def init_distributed(device=""):
     """-> (rank, world, device). Under torchrun (RANK in the environment) join the process group (nccl on GPUs,
     gloo on CPUs) and take the local GPU; otherwise rank 0 of 1. device "" = cuda if available, else cpu."""
-    import torch
-    import torch.distributed as dist
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if "RANK" not in os.environ:
         return 0, 1, device

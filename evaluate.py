@@ -15,13 +15,7 @@ target cache is cropped to the accepted length and the drafter is told the accep
 Greedy (temperature 0) accepts drafts equal to the target argmax; temperature > 0 uses speculative sampling
 (accept_prob, residual below), so the output distribution is exactly the target's (warped by temperature/top-k/
 top-p).
-Metrics (report JSON at --out, table on stdout): tau = committed tokens per round including the bonus, the
-last round cut at max_new_tokens; accept_length_deepspec = the same with the last round of each turn uncapped
-(DeepSpec's accept_len, the paper's tau); overall also has tau_macro (the unweighted mean of the task taus, the
-paper's "mean" column); per-slot conditional acceptance P(slot i accepted | slots < i accepted) and
-cumulative survival P(slots 0..i all accepted) (what DeepSpec prints as accept_rate@i), tokens/s of
-speculative and of plain target decoding on the same prompts (after one short untimed warm-up generation),
-their ratio (speedup), draft/verify time.
+Metrics (metrics.py): report JSON at --out, a table on stdout; plain decoding is timed on the same prompts.
 With tree_budget = N > 0 the drafter grows a tree of N nodes best-first (EAGLE-2), the target verifies it in one
 forward (tree attention: each node sees the cache and its ancestors) and acceptance walks the tree
 (sample-and-descend, below); the per-slot rates are then per depth of the accepted path (conditional: P(it
@@ -337,18 +331,11 @@ def run_prompt(target, drafter, turn_texts, cfg, K, gen_seed, where="prompt"):
 
 
 def measure_tau(target, drafter, prompts, max_new_tokens=128, temperature=0.0, num_drafts=0, seed=0, tree_budget=0):
-    """In-training tau (train.py): prompts = list of strings or message lists (ending with a user turn)
-    -> rates (tau, accept_rate_conditional, accept_rate_cumulative, ...). No baseline, no greedy check."""
+    """In-training tau (train.py): prompts = lists of user turns -> rates (tau, accept_rate_conditional, ...)."""
+    cfg = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0, tree_budget=tree_budget,
+               check_greedy=False, baseline=False)
     K = num_drafts or drafter.proposal_length
-    recs = []
-    for i, p in enumerate(prompts):
-        ids = target.render_prompt(messages_of(p))
-        g = torch.Generator(target.device).manual_seed(seed + i)
-        res = speculative_generate(target, drafter, ids, max_new_tokens, temperature, num_drafts=K, generator=g,
-                                   tree_budget=tree_budget)
-        recs.append(dict(tally(res["rounds"], K, res["cut"]), new_tokens=len(res["ids"]), spec_s=res["total_s"],
-                         draft_s=res["draft_s"], verify_s=res["verify_s"], prompts=1, turns=1))
-    return rates(merge(recs))
+    return rates(merge([run_prompt(target, drafter, turns, cfg, K, seed + i) for i, turns in enumerate(prompts)]))
 
 
 def warmup(target, drafter, ids, cfg, K, tokens=8):

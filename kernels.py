@@ -9,7 +9,7 @@ no [N, V] tensor is ever held:
   pass 1 (forward)  per row: l1 = sum_v |p_d - p_t| and S = sum_v p_d sign(p_d - p_t)  (DSpark, or stats)
   pass 2 (backward) recompute the logit chunks, form dz = dloss/dz and accumulate grad_h = dz @ W
 Two backends with one signature: Triton kernels (CUDA tensors, or any tensors when TRITON_INTERPRET=1)
-and a chunked PyTorch loop (CPU). naive_* are full-softmax references for tests and bench.py.
+and a chunked PyTorch loop (CPU). bench.py's naive_* are the full-softmax references they are tested against.
 """
 from __future__ import annotations  # the kernels' `tl.constexpr` annotations stay strings until triton reads them
 
@@ -41,42 +41,6 @@ def logits_to_probs(logits, temperature=0.0, top_k=0, top_p=1.0):
         probs = torch.zeros_like(probs).scatter_(-1, idx, p_sorted)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
-
-
-# -----------------------------------------------------------------------------
-# naive references: full [N, V] softmaxes, autograd does the backward (tests and bench.py only)
-
-
-def _naive_logits(h_draft, h_target, W, weights, bias=None):
-    zd = (h_draft @ W.T).float()  # (N, V)
-    if bias is not None:  # low-rank Markov bias A @ Bm.T
-        A, Bm = bias
-        zd = zd + (A @ Bm.T).float()
-    keep = torch.ones(zd.shape[0], dtype=torch.bool, device=zd.device) if weights is None else weights != 0
-    return zd, (h_target @ W.T).float(), keep
-
-
-def naive_dspark_loss(h_draft, h_target, labels, W, bias=None, weights=None, return_argmax=False):
-    zd, zt, keep = _naive_logits(h_draft, h_target, W, weights, bias)
-    logp_d = torch.log_softmax(zd, -1)
-    p_d, p_t = logp_d.exp(), torch.softmax(zt, -1)
-    ce = -logp_d.gather(1, labels.clamp(min=0)[:, None])[:, 0]
-    ce = torch.where(keep & (labels >= 0), ce, 0.0)
-    l1 = torch.where(keep, (p_d - p_t).abs().sum(-1), 0.0)
-    c_star = (1 - l1.detach() / 2).clamp(0, 1)
-    if not return_argmax:
-        return ce, l1, c_star
-    return ce, l1, c_star, torch.where(keep, zd.argmax(-1), -1), torch.where(keep, zt.argmax(-1), -1)
-
-
-def naive_soft_ce(h_draft, h_target, W, weights=None, return_stats=False):
-    zd, zt, keep = _naive_logits(h_draft, h_target, W, weights)
-    logp_d, p_t = torch.log_softmax(zd, -1), torch.softmax(zt, -1)
-    loss = torch.where(keep, -(p_t * logp_d).sum(-1), 0.0)
-    if not return_stats:
-        return loss
-    l1 = torch.where(keep, (logp_d.exp() - p_t).abs().sum(-1), 0.0).detach()
-    return loss, l1, torch.where(keep, zd.argmax(-1), -1), torch.where(keep, zt.argmax(-1), -1)
 
 
 # -----------------------------------------------------------------------------

@@ -2,6 +2,14 @@
 
 Counters add up over rounds, turns, prompts, tasks and ranks (merge), so every rate is pooled exactly; the
 task mean (macro) is reported beside the pooled value because the paper averages tasks.
+
+- tau: committed tokens per round including the bonus, the last round cut at max_new_tokens;
+- accept_length_deepspec: the same with the last round of each turn uncapped (DeepSpec's accept_len, the paper's
+  tau); overall also has tau_macro (the unweighted mean of the task taus, the paper's "mean" column);
+- per-slot conditional acceptance P(slot i accepted | slots < i accepted) and cumulative survival P(slots 0..i
+  all accepted) (what DeepSpec prints as accept_rate@i);
+- tokens/s of speculative and of plain target decoding on the same prompts (after one short untimed warm-up
+  generation), their ratio (speedup), draft and verify time.
 """
 
 

@@ -9,9 +9,14 @@ files or the hub, and offline generators).
     load_prompts("heldout:gsm8k")                # an eval task's rows outside DeepSpec's selection
     load_prompts("a.jsonl,stdlib-code", seed=1)  # several sources, shuffled together
 """
+import importlib
+import inspect
 import json
 import os
 import random
+import textwrap
+
+from configurator import atomic_path
 
 # --- eval tasks: DeepSpec's prompt counts and hub sources (REFERENCE.md s.8); files hold {"turns": [...]} rows --
 
@@ -28,13 +33,13 @@ def _lcb_turn(r):
 
 
 def _hub_jsonl(repo, files):  # rows of jsonl files in a hub dataset repo
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # optional: only the hub fallback of a task needs it
     return [json.loads(line) for f in files
             for line in open(hf_hub_download(repo, f, repo_type="dataset"), encoding="utf-8") if line.strip()]
 
 
 def _hf(*args, split):
-    from datasets import load_dataset
+    from datasets import load_dataset  # optional and slow to import: only the hub fallback of a task needs it
     return load_dataset(*args, split=split)
 
 
@@ -81,10 +86,8 @@ def load_task(name, data_dir="", num_prompts=0, turns=0, heldout=False):
         except Exception as e:
             raise MissingTask(f"task '{name}': no {name}.jsonl in {task_dirs(data_dir)} and the hub fetch failed "
                               f"({type(e).__name__}); put the file in --data_dir") from None
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps({"turns": t}, ensure_ascii=False) + "\n" for t in rows)
-        os.replace(path + ".tmp", path)
     rows = []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f):
@@ -142,7 +145,7 @@ def load_prompts(source, n=0, seed=0):
         if not rows:
             raise SystemExit(f"prompts: {source}: every row of the task is in the evaluated selection")
     elif source == "open-perfectblend":  # the recipe's prompts: 5% held out with seed 42, we take the 95%
-        from datasets import load_dataset
+        from datasets import load_dataset  # optional and slow to import: only this hub source needs it
         rows = load_dataset("mlabonne/open-perfectblend", split="train").train_test_split(0.05, seed=42)["train"]
     elif source.endswith(".jsonl") and os.path.exists(source):
         rows = (_json_or_none(line) for line in open(source, encoding="utf-8") if line.strip())
@@ -243,10 +246,6 @@ def stdlib_code_prompts(methods=False):
     signature and docstring (first paragraph, first doctest). ~700 on Python 3.11; none are eval tasks.
     methods=True: the public methods of the modules' public classes instead, each inside its class
     (`stdlib-methods`, ~1,000)."""
-    import importlib
-    import inspect
-    import textwrap
-
     def prompt(name, fn, indent=""):
         try:
             doc, sig = inspect.getdoc(fn), str(inspect.signature(fn))

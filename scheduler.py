@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from configurator import NON_NEGATIVE, POSITIVE, Range, atomic_path, check_ranges, configure
-from evaluate import speculative_generate
+from evaluate import _clock, speculative_generate
 from prompts import load_task, messages_of
 from target import load
 
@@ -168,7 +168,6 @@ def profile_sps(target, batch_sizes, context=64, repeats=3):
     """{B: steps/s} of one target forward of B new tokens (logits and taps, as a verify) after `context`
     cached tokens; median of `repeats` timed runs after a warm-up. One sequence of B tokens stands in for
     R requests of 1 + l_r tokens: the same linear layers, but shared-context attention (a lower bound)."""
-    from evaluate import _clock
     dev, g = target.device, torch.Generator().manual_seed(0)
     ids = torch.randint(target.config.vocab_size, (1, context + max(batch_sizes)), generator=g).to(dev)
     _, _, cache = target.forward(ids[:, :context])

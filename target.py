@@ -23,6 +23,12 @@ import sys
 import tempfile
 
 import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM, AutoTokenizer,
+                          DynamicCache, PreTrainedTokenizerFast)
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kernels import tree_attention
 
@@ -69,8 +75,6 @@ QWEN3_STYLE_TEMPLATE = (
 
 def tiny_tokenizer():
     """A 262-token byte-level tokenizer (256 bytes + 6 specials) with the Qwen3-style template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -83,7 +87,6 @@ def tiny_tokenizer():
 
 def tiny_config(name, vocab_size):
     """Geometry of the tiny aliases: 6 layers, width 64, 4 query / 2 kv heads of dim 16."""
-    import transformers
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=258, pad_token_id=256)
@@ -133,7 +136,6 @@ def smollm2_folder(verbose=True):
         except (OSError, ValueError, KeyError):
             pass
         print(f"target: converted cache {path} is corrupt; rebuilding it")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     gguf_dir, gguf_file = os.path.split(smollm2_gguf_path())
     if verbose:
         print(f"target: converting {gguf_file} to fp32 safetensors in {path} (once, ~30 s)")
@@ -148,7 +150,7 @@ def smollm2_folder(verbose=True):
         json.dump({"source": gguf_file, "sha256": _folder_digest(tmp)}, f)
     shutil.rmtree(path, ignore_errors=True)
     os.chmod(tmp, 0o755)
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # a folder (configurator.atomic_path writes files): the same rename, by hand
     return path
 
 
@@ -161,7 +163,6 @@ def smollm2_folder(verbose=True):
 def nanospec_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, tree=None, **kwargs):
     """query [1,Hq,Q,D], key/value [1,Hkv,P+Q,D] -> ([1,Q,Hq,D], None); tree [Q,Q] ancestor matrix or None."""
     if tree is None:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         base = module.config._attn_implementation.removeprefix("nanospec_")
         fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward") if base == "eager" \
             else ALL_ATTENTION_FUNCTIONS[base]
@@ -176,8 +177,6 @@ def nanospec_attention(module, query, key, value, attention_mask, scaling=None, 
 
 def register_attention(model):
     """Switch an HF model to nanospec_<its implementation> (idempotent); the mask function stays the original's."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     base = model.config._attn_implementation
     if not base.startswith("nanospec_"):
         AttentionInterface.register("nanospec_" + base, nanospec_attention)
@@ -250,7 +249,6 @@ class Target:
         """Incremental step: input_ids [1,Q] -> (logits [1,Q,V] fp32, taps [1,Q,n*H], cache).
         tree [Q,Q] bool (tree[i, j]: token j is token i or its ancestor; parents first): verify a draft tree
         in one forward, token i at position cached + depth_i seeing the cache and its ancestors."""
-        from transformers import DynamicCache
         cache = DynamicCache() if cache is None else cache
         if tree is not None:
             register_attention(self.model)
@@ -357,7 +355,6 @@ def training_pieces(messages, family):
 
 def load_target(name, dtype="float32", device="cpu", layer_ids=None, mask_token_id=None, trust_remote_code=False):
     """Load a frozen target by alias, local path or hub id (downloaded: untested here, no network in CI)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if name in TINY_TARGETS:
         tok = tiny_tokenizer()
@@ -404,16 +401,29 @@ def check_geometry(target, geometry, key="target_geometry"):
 # -----------------------------------------------------------------------------
 # a drafter checkpoint and its target
 
-def drafter_class(config):
-    """DeepSpec's architectures field -> our class (DSpark and DFlash share Qwen3DSparkModel)."""
-    arch = (config.get("architectures") or ["?"])[0]
+def drafter_classes():
+    """{kind: class} of the three drafters."""
     from model_dflash import DFlash  # here, not at the top: the model files import target.py
     from model_dspark import DSpark
     from model_eagle3 import Eagle3
+    return {"dspark": DSpark, "dflash": DFlash, "eagle3": Eagle3}
+
+
+def new_drafter(kind, target, config):
+    """A fresh drafter of `kind` for `target` (a Target, or its bare HF config: random frozen weights) from a train
+    config: every drafter takes the keys of model_dflash.CFG_KEYS and ignores those it does not use."""
+    from model_dflash import CFG_KEYS
+    return drafter_classes()[kind].from_target(target, **{k: config[k] for k in CFG_KEYS if k in config})
+
+
+def drafter_class(config):
+    """DeepSpec's architectures field -> our class (DSpark and DFlash share Qwen3DSparkModel)."""
+    arch, classes = (config.get("architectures") or ["?"])[0], drafter_classes()
     if arch in ("Qwen3DSparkModel", "Gemma4DSparkModel"):
-        return DSpark if config.get("markov_rank", 0) > 0 or config.get("enable_confidence_head") else DFlash
+        dspark = config.get("markov_rank", 0) > 0 or config.get("enable_confidence_head")
+        return classes["dspark" if dspark else "dflash"]
     if arch in ("Qwen3Eagle3Model", "Gemma4Eagle3Model", "Eagle3DraftModel"):
-        return Eagle3
+        return classes["eagle3"]
     raise SystemExit(f"drafter: unknown architectures {config.get('architectures')}; expected a DSpark, DFlash "
                      f"or Eagle3 checkpoint (Qwen3DSparkModel, Qwen3Eagle3Model, ...)")
 

@@ -39,10 +39,7 @@ from tqdm import tqdm
 from build_cache import CacheReader, make_record, read_answers, render_sample  # the data path
 from configurator import NON_NEGATIVE, POSITIVE, Range, atomic_path, check_ranges, configure, init_distributed
 from evaluate import measure_tau
-from model_dflash import CFG_KEYS, DFlash
-from model_dspark import DSpark
-from model_eagle3 import Eagle3
-from target import check_geometry, load_target
+from target import check_geometry, load_target, new_drafter
 
 # --- defaults: configs/*.py and --key=value override these ----------------------------------------
 # target and data
@@ -98,7 +95,9 @@ check_ranges("train", config, {
                      "num_anchors", "block_size"), POSITIVE),
     "max_steps": Range(lambda v: v >= 0, ">= 0 (0 = from epochs)"), "learning_rate": Range(lambda v: v > 0, "> 0"),
     "grad_clip": Range(lambda v: v >= 0, ">= 0 (0 = off)"), "warmup_frac": Range(lambda v: 0 <= v <= 1, "in [0, 1]"),
-    **dict.fromkeys(("eval_interval", "draft_vocab_size", "markov_rank"), NON_NEGATIVE)})
+    **dict.fromkeys(("eval_interval", "draft_vocab_size", "markov_rank"), NON_NEGATIVE),
+    "data_mode": Range(lambda v: v in ("online", "offline"), "online or offline"),
+    "drafter": Range(lambda v: v in ("dspark", "dflash", "eagle3"), "dspark, dflash or eagle3")})
 
 # --- out_dir: continue the run it holds (resume, from the newest complete checkpoint), never overwrite it -----
 os.makedirs(out_dir, exist_ok=True)
@@ -121,18 +120,16 @@ if resume and saved and ckpt is None:
 # --- distributed init: plain torchrun, one process works unchanged ------------------------------
 rank, world, device = init_distributed(device)
 ddp, master = dist.is_initialized(), rank == 0
-per_rank = global_batch_size // world
-assert global_batch_size % (world * micro_batch_size) == 0, \
-    f"global_batch_size {global_batch_size} must be a multiple of world size {world} x micro_batch_size {micro_batch_size}"
-accum = per_rank // micro_batch_size  # gradient accumulation derived from the global batch
+if global_batch_size % (world * micro_batch_size):
+    raise SystemExit(f"train: global_batch_size {global_batch_size} must be a multiple of world size {world} x "
+                     f"micro_batch_size {micro_batch_size}: change either")
+accum = global_batch_size // (world * micro_batch_size)  # gradient accumulation derived from the global batch
 torch.manual_seed(seed)
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dtype == "bfloat16" and "cuda" in device \
     else torch.autocast("cpu", enabled=False)
 
 # --- target and data ------------------------------------------------------------------------------
 tgt = load_target(target, dtype=dtype, device=device, layer_ids=target_layer_ids, mask_token_id=mask_token_id)
-
-
 check_geometry(tgt, target_geometry)
 answers_path = os.path.join(cache_dir, "answers.jsonl")
 if not os.path.exists(answers_path):
@@ -146,8 +143,7 @@ if data_mode == "offline":
     held = {a["sample_id"] for a in held_out}
     pool = [i for i in range(len(reader)) if reader.sample_id(i) not in held]
     get_record = lambda i: reader[i]  # noqa: E731
-elif data_mode == "online":
-    # the same samples build_cache.py keeps: truncation policy and minimum supervision, decided by rendering
+else:  # online: the same samples build_cache.py keeps: truncation policy and minimum supervision, decided by rendering
     cut = lambda a: a.get("finish_reason") == "length"  # noqa: E731
     train_answers = [a for a in answers[:len(answers) - len(held_out)] if keep_truncated or not cut(a)]
     train_answers = [a for a in train_answers
@@ -155,8 +151,6 @@ elif data_mode == "online":
     pool = list(range(len(train_answers)))
     get_record = lambda i: make_record(tgt, train_answers[i]["messages"], train_answers[i]["sample_id"],  # noqa: E731
                                        max_len, truncated=cut(train_answers[i]))
-else:
-    raise SystemExit(f"train: data_mode must be online or offline, got {data_mode!r}")
 N = len(pool)
 if N == 0:
     raise SystemExit(f"train: no training samples in {cache_dir}")
@@ -201,11 +195,7 @@ def sample_generators(sample_ids, step):
 
 
 # --- model ---------------------------------------------------------------------------------------
-DRAFTERS = {"dspark": DSpark, "dflash": DFlash, "eagle3": Eagle3}
-if drafter not in DRAFTERS:
-    raise SystemExit(f"train: drafter must be dspark, dflash or eagle3, got {drafter!r}")
-# every drafter takes the same config keys (model_dflash.CFG_KEYS) and ignores the ones it does not use
-model = DRAFTERS[drafter].from_target(tgt, **{k: config[k] for k in CFG_KEYS if k in config}).to(device)
+model = new_drafter(drafter, tgt, config).to(device)  # the config's drafter keys; each ignores what it does not use
 if draft_vocab_size:  # the reduced head keeps the most frequent tokens of the training answers (DESIGN.md);
     # ties (often: tokens never seen in answers) go to tokens of the prompts, then to low ids: BPE merges are
     # numbered roughly by corpus frequency. Measured on SmolLM2: eval-prompt coverage 79% -> 90% at 8192.
@@ -323,7 +313,7 @@ while step < max_steps:
         t0, tokens = time.time(), 0
     if master and eval_interval and (step % eval_interval == 0 or step == max_steps):
         raw_model.eval()
-        prompts = [[m for m in a["messages"] if m["role"] == "user"][:1] for a in held_out]
+        prompts = [[m["content"] for m in a["messages"] if m["role"] == "user"][:1] for a in held_out]
         res = measure_tau(tgt, raw_model, prompts, max_new_tokens=eval_max_new_tokens, temperature=0.0)
         raw_model.train()
         log.write(json.dumps(dict(step=step, eval_tau=res["tau"],

@@ -472,9 +472,9 @@ def test_warmup_runs_the_timed_paths(tiny, monkeypatch):
 
 
 def test_measure_tau(tiny):
-    """measure_tau (train.py's in-training tau) accepts strings and message lists and reports rates."""
+    """measure_tau (train.py's in-training tau) decodes lists of user turns and reports rates."""
     t = tiny["tiny-qwen3"]
-    r = E.measure_tau(t, real_drafter("dflash", t), ["Hi", [{"role": "user", "content": "Why?"}]], max_new_tokens=8)
+    r = E.measure_tau(t, real_drafter("dflash", t), [["Hi"], ["Why?"]], max_new_tokens=8)
     assert r["rounds"] > 0 and 1.0 <= r["tau"] <= K + 1 and len(r["accept_rate_conditional"]) == K
     assert r["new_tokens"] == 2 + round(r["tau"] * r["rounds"])  # the prefill token of each prompt + rounds
     assert r["accept_length_deepspec"] >= r["tau"]

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import kernels
+from bench import naive_dspark_loss, naive_soft_ce
 from evaluate import ancestors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +88,7 @@ def test_dspark_chunked_matches_naive(monkeypatch, dtype, bias_kind):
     reference (fp32: 1e-5; bf16 inputs: 1e-2 against fp32 math on the same rounded inputs)."""
     monkeypatch.setattr(kernels, "VOCAB_CHUNK", 128)  # 8 chunks, the last one partial
     x = make(dtype)
-    ref = run_dspark(kernels.naive_dspark_loss, x, bias_kind, torch.float32)
+    ref = run_dspark(naive_dspark_loss, x, bias_kind, torch.float32)
     got = run_dspark(kernels.fused_dspark_loss, x, bias_kind, dtype)
     check(got, ref, 1e-5 if dtype == torch.float32 else 1e-2)
     check_masks(got)
@@ -98,7 +99,7 @@ def test_soft_ce_chunked_matches_naive(monkeypatch, dtype):
     """Soft CE, its detached l1, argmaxes and grad h_draft match the reference; masked rows give 0."""
     monkeypatch.setattr(kernels, "VOCAB_CHUNK", 128)
     x = make(dtype)
-    ref = run_soft(kernels.naive_soft_ce, x, torch.float32)
+    ref = run_soft(naive_soft_ce, x, torch.float32)
     got = run_soft(kernels.fused_soft_ce, x, dtype)
     check(got, ref, 1e-5 if dtype == torch.float32 else 1e-2)
     check_masks(got)
@@ -138,7 +139,8 @@ def test_chunked_path_never_builds_an_NxV_tensor(monkeypatch, loss):
     seen = {}
     for name in ("fused", "naive"):
         with MaxNumel() as mode:
-            fn = getattr(kernels, f"{name}_{'dspark_loss' if loss == 'dspark' else 'soft_ce'}")
+            fn = {("fused", "dspark"): kernels.fused_dspark_loss, ("fused", "soft_ce"): kernels.fused_soft_ce,
+                  ("naive", "dspark"): naive_dspark_loss, ("naive", "soft_ce"): naive_soft_ce}[name, loss]
             if loss == "dspark":
                 run_dspark(fn, x, "lowrank", torch.float32)
             else:
@@ -166,10 +168,10 @@ def test_interpreted_triton_matches_naive(case):
     dtype = torch.float32 if dt == "fp32" else torch.bfloat16
     x = make(dtype)
     if kind == "dspark":
-        ref = run_dspark(kernels.naive_dspark_loss, x, bias_kind, torch.float32)
+        ref = run_dspark(naive_dspark_loss, x, bias_kind, torch.float32)
         got = run_dspark(kernels.fused_dspark_loss, x, bias_kind, dtype)
     else:
-        ref, got = run_soft(kernels.naive_soft_ce, x, torch.float32), run_soft(kernels.fused_soft_ce, x, dtype)
+        ref, got = run_soft(naive_soft_ce, x, torch.float32), run_soft(kernels.fused_soft_ce, x, dtype)
     assert type(kernels._TRITON[("loss", True)]).__name__ == "InterpretedFunction"  # the kernel really ran
     check(got, ref, 1e-5 if dtype == torch.float32 else 1e-2)
     check_masks(got)
@@ -200,10 +202,10 @@ def test_cuda_triton_matches_naive():
         dtype = torch.float32 if dt == "fp32" else torch.bfloat16
         x = {k: v.cuda() for k, v in make(dtype).items()}
         if kind == "dspark":
-            ref = run_dspark(kernels.naive_dspark_loss, x, bias_kind, torch.float32)
+            ref = run_dspark(naive_dspark_loss, x, bias_kind, torch.float32)
             got = run_dspark(kernels.fused_dspark_loss, x, bias_kind, dtype)
         else:
-            ref, got = run_soft(kernels.naive_soft_ce, x, torch.float32), run_soft(kernels.fused_soft_ce, x, dtype)
+            ref, got = run_soft(naive_soft_ce, x, torch.float32), run_soft(kernels.fused_soft_ce, x, dtype)
         assert type(kernels._TRITON[("loss", False)]).__name__ == "JITFunction", case  # compiled, not interpreted
         check(got, ref, 1e-4 if dtype == torch.float32 else 2e-2)
         check_masks(got)
