@@ -180,7 +180,8 @@ class DraftModel(nn.Module):
             default_layer_ids(base["num_hidden_layers"])
         cfg["target_layer_ids"] = [int(i) for i in ids]
         model = cls(cls.draft_config(target, base, cfg))
-        if is_target:
+        if is_target:  # nanospec's own field (DeepSpec ignores it): which vocabulary the drafter was trained on
+            model.config["vocab_fingerprint"] = target.vocab_fingerprint
             with torch.no_grad():
                 model.embed_tokens.weight.copy_(target.embed_weight)
                 model.lm_head.weight.copy_(target.lm_head_weight)

@@ -14,6 +14,7 @@ Features (DESIGN.md): `taps` are the raw outputs of the decoder layers `layer_id
 before the final norm, = HF `hidden_states[i+1]`), concatenated in list order; `last_hidden` is the
 final normed hidden state, from which target logits are `lm_head(last_hidden)`.
 """
+import functools
 import hashlib
 import importlib.util
 import json
@@ -217,6 +218,12 @@ class Target:
     @property
     def device(self):
         return self.embed_weight.device
+
+    @functools.cached_property
+    def vocab_fingerprint(self):
+        """sha256 of the tokenizer's vocabulary (token -> id): two targets of one geometry can still differ here,
+        and a drafter trained on one would draft garbage for the other."""
+        return hashlib.sha256(json.dumps(sorted(self.tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
 
     @property
     def embed_weight(self):   # [V, H]
@@ -462,6 +469,9 @@ def load_drafter(path, target):
     for key, want in (("hidden_size", tc.hidden_size), ("vocab_size", tc.vocab_size), ("num_target_layers", L)):
         if c.get(key, want) != want:
             raise SystemExit(f"drafter {path} has {key}={c[key]} but target {target.name} has {want}: {fix}")
+    if c.get("vocab_fingerprint", target.vocab_fingerprint) != target.vocab_fingerprint:
+        raise SystemExit(f"drafter {path} was trained on another vocabulary than target {target.name}'s (tokenizer "
+                         f"fingerprint {c['vocab_fingerprint']} vs {target.vocab_fingerprint}): {fix}")
     ids = [int(i) for i in c.get("target_layer_ids", target.layer_ids)]
     if max(ids) >= L - 1 or min(ids) < 0:
         raise SystemExit(f"drafter {path} taps layers {ids} but target {target.name} has {L} layers: {fix}")

@@ -522,6 +522,10 @@ def test_load_drafter_and_mismatch_errors(tiny, tmp_path):
     (tmp_path / "dspark" / "config.json").write_text(json.dumps({**cfg, "hidden_size": 128}))
     with pytest.raises(SystemExit, match="hidden_size=128.*--target"):
         load_drafter(str(tmp_path / "dspark"), t)
+    assert cfg["vocab_fingerprint"] == t.vocab_fingerprint
+    (tmp_path / "dspark" / "config.json").write_text(json.dumps({**cfg, "vocab_fingerprint": "0123456789abcdef"}))
+    with pytest.raises(SystemExit, match="another vocabulary"):  # same geometry, another tokenizer
+        load_drafter(str(tmp_path / "dspark"), t)
     (tmp_path / "dspark" / "config.json").write_text(json.dumps({**cfg, "target_layer_ids": [0, 1, 2, 3, 5]}))
     with pytest.raises(SystemExit, match="taps layers"):
         load_drafter(str(tmp_path / "dspark"), t)
