@@ -20,15 +20,16 @@ import json
 import os
 import sys
 import time
+import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import GenerationConfig, LogitsProcessorList
 
-from configurator import FRACTION, NON_NEGATIVE, POSITIVE, atomic_path, check_ranges, configure, init_distributed
+from configurator import FRACTION, NON_NEGATIVE, POSITIVE, Range, atomic_path, check_ranges, configure, init_distributed
 from kernels import logits_to_probs
 from prompts import builtin_prompts, load_prompts, normalize_conversation  # noqa: F401 (build_cache.X works too)
 from target import load_target
@@ -51,6 +52,8 @@ gen_top_k = 20
 gen_batch_size = 16
 server_url = ""                # "" = in-process; else an OpenAI-compatible server (vLLM, SGLang)
 server_concurrency = 32
+server_timeout = 600.0         # seconds for one whole request (a server trickling bytes is cut off too)
+server_retries = 3             # retries of a request after a 5xx or a connection error (backoff 1, 2, 4 s)
 keep_truncated = True          # keep answers cut by gen_max_new_tokens (their end-of-turn is not supervised)
 # answers -> features
 cache_dtype = "bf16"           # "bf16" (as DeepSpec stores features) | "fp8" (e4m3, one fp32 scale per token and layer)
@@ -94,21 +97,53 @@ def generate_batch(target, prompts, seeds, max_new_tokens=256, temperature=0.7, 
     return [(target.tokenizer.decode(row[:stop], skip_special_tokens=True).strip(),
              "length" if stop is None else "stop") for row, stop in zip(rows, stops)]
 
-def chat_request(server_url, model, messages, seed, max_new_tokens=256, temperature=0.7, top_p=0.8, top_k=20):
-    """One OpenAI-compatible /v1/chat/completions call (vLLM, SGLang) -> (answer, "stop" | "length")."""
+def read_within(response, deadline):
+    """The whole body of an HTTP response, or TimeoutError once time.time() passes `deadline`: the socket timeout
+    bounds each read, not the response, so a server trickling bytes would otherwise never time out."""
+    data = b""
+    while True:
+        chunk = response.read1(65536)  # what has arrived (at most one socket read)
+        if not chunk:
+            return data
+        data += chunk
+        if time.time() > deadline:
+            raise TimeoutError(f"response not complete after the request timeout ({len(data)} bytes so far)")
+
+
+def chat_request(server_url, model, messages, seed, max_new_tokens=256, temperature=0.7, top_p=0.8, top_k=20,
+                 timeout=600.0, retries=3, backoff=1.0):
+    """One OpenAI-compatible /v1/chat/completions call (vLLM, SGLang) -> (answer, "stop" | "length"). A 5xx, a
+    timeout or a connection error is retried `retries` times (waits backoff, 2 backoff, ...); a 4xx or a
+    malformed reply stops at once. Each attempt has `timeout` seconds in all."""
     body = {"model": model, "messages": messages, "max_tokens": max_new_tokens, "temperature": temperature,
             "top_p": top_p, "seed": seed, "chat_template_kwargs": {"enable_thinking": False}}
     body.update({"top_k": top_k} if top_k > 0 else {})
     req = urllib.request.Request(server_url.rstrip("/") + "/v1/chat/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
-    try:  # no retry: a failed run resumes where it stopped
-        with urllib.request.urlopen(req, timeout=3600) as r:
-            out = json.load(r)
+    fix = "start an OpenAI-compatible server there or set server_url=''; a rerun keeps every finished answer"
+    for attempt in range(retries + 1):
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                out = json.loads(read_within(r, time.time() + timeout))
+            break
+        except urllib.error.HTTPError as e:  # the server answered with an error status
+            if e.code < 500 or attempt == retries:
+                raise SystemExit(f"server {server_url}: HTTP {e.code} {e.reason} (after {attempt + 1} attempt(s)); "
+                                 f"{fix}") from None
+        except (OSError, TimeoutError) as e:  # refused, reset, timed out (URLError is an OSError)
+            if attempt == retries:
+                raise SystemExit(f"server {server_url}: {e} (after {attempt + 1} attempt(s)); {fix}") from None
+        except ValueError as e:
+            raise SystemExit(f"server {server_url}: the reply is not JSON ({e}); {fix}") from None
+        time.sleep(backoff * 2 ** attempt)
+    try:
         choice = out["choices"][0]
-    except (OSError, ValueError, KeyError, IndexError) as e:  # URLError and HTTPError are OSErrors
-        raise SystemExit(f"server {server_url}: {e}; start an OpenAI-compatible server there or set server_url=''")
-    finish = "length" if choice.get("finish_reason") == "length" else "stop"
-    return (choice["message"].get("content") or "").strip(), finish
+        content, finish = choice["message"].get("content") or "", choice.get("finish_reason")
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        raise SystemExit(f"server {server_url}: a reply without choices[0].message ({e!r}); {fix}") from None
+    if not isinstance(content, str):
+        raise SystemExit(f"server {server_url}: message content is {type(content).__name__}, not text; {fix}")
+    return content.strip(), "length" if finish == "length" else "stop"
 
 def regenerate(convs, sample_ids, seed, generate_fn):
     """Replace every assistant turn by the target's, turn by turn (user and system turns kept); a turn
@@ -156,7 +191,7 @@ def read_answers(path, repair=False, corrupt=None):
     return rows
 
 def generate_answers(target, convs, sample_ids, path, max_new_tokens=256, temperature=0.7, top_p=0.8, top_k=20,
-                     batch_size=16, seed=0, server_url="", concurrency=32):
+                     batch_size=16, seed=0, server_url="", concurrency=32, timeout=600.0, retries=3):
     """Answer convs (global ids sample_ids) into path in order, fsynced as they finish. Batches are fixed chunks of the
     list; rows missing (killed run, corrupt line) are redone by their batch: a resume writes what a full run would."""
     bad = []
@@ -167,7 +202,8 @@ def generate_answers(target, convs, sample_ids, path, max_new_tokens=256, temper
                          "--cache_dir, or the prompt_source and num_answers it was made with")
     k, N = max(map(pos.get, have), default=-1) + 1, len(convs)
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
-    fn = (lambda items: [chat_request(server_url, target.name, m, s, **gen) for m, s in items]) if server_url else \
+    fn = (lambda items: [chat_request(server_url, target.name, m, s, **gen, timeout=timeout, retries=retries)
+                         for m, s in items]) if server_url else \
         (lambda items: generate_batch(target, [m for m, _ in items], [s for _, s in items], **gen))
     holes, step = [j for j in range(k) if sample_ids[j] not in have], 1 if server_url else batch_size
     for a in sorted({j - j % step for j in holes}):  # the batch a full run makes, so the same rows; none replaced
@@ -189,12 +225,20 @@ def generate_answers(target, convs, sample_ids, path, max_new_tokens=256, temper
             tps = new_tokens[0] / (time.time() - t0)
             print(f"answers: {written[0]}/{N} samples of {path}, {tps:.0f} answer tokens/s", flush=True)
         if server_url:  # one conversation per request chain, `concurrency` in flight, written in input order
-            with ThreadPoolExecutor(concurrency) as pool:
-                futs = []
-                for j in range(k, N):
-                    futs.append(pool.submit(lambda j: regenerate([convs[j]], [sample_ids[j]], seed, fn)[0], j))
-                    while futs and (len(futs) > 4 * concurrency or j == N - 1):
+            pool, futs, todo = ThreadPoolExecutor(concurrency), [], list(range(k, N))
+            try:
+                while todo or futs:
+                    while todo and len(futs) < 4 * concurrency:
+                        futs.append(pool.submit(lambda j: regenerate([convs[j]], [sample_ids[j]], seed, fn)[0],
+                                                todo.pop(0)))
+                    while futs and futs[0].done():  # finished answers first: they are kept whatever follows
                         write([futs.pop(0).result()])
+                    failed = next((f for f in futs if f.done() and f.exception() is not None), None)
+                    if failed is not None:  # the first error at once, not after the requests queued before it
+                        failed.result()
+                    wait([f for f in futs if not f.done()], return_when=FIRST_COMPLETED)
+            finally:
+                pool.shutdown(wait=False, cancel_futures=True)
         else:
             for start in range(k - k % batch_size if k < N else N, N, batch_size):
                 rows = regenerate(convs[start:start + batch_size], sample_ids[start:start + batch_size], seed, fn)
@@ -479,6 +523,7 @@ if __name__ == "__main__":
         raise SystemExit(f"stage must be all|answers|features, cache_dtype bf16|fp8 (got {stage!r}, {cache_dtype!r})")
     check_ranges("build_cache", config, {
         "num_answers": NON_NEGATIVE, "max_bytes": NON_NEGATIVE, "gen_temperature": NON_NEGATIVE, "gen_top_p": FRACTION,
+        "server_timeout": Range(lambda v: v > 0, "> 0"), "server_retries": NON_NEGATIVE,
         **dict.fromkeys(("gen_max_new_tokens", "gen_batch_size", "server_concurrency", "max_len", "shard_tokens"),
                         POSITIVE)})
     rank, world, device = init_distributed(device)  # torchrun: rank r handles the samples i with i % world == r
@@ -538,7 +583,8 @@ if __name__ == "__main__":
             _atomic_write(spath, json.dumps(gen_settings).encode())
         part_path = lambda r: answers_path if world == 1 else f"{answers_path[:-6]}.rank{r}-of-{world}.jsonl"
         generate_answers(tgt, convs[rank::world], range(rank, len(convs), world), part_path(rank), gen_max_new_tokens,
-                         gen_temperature, gen_top_p, gen_top_k, gen_batch_size, seed, server_url, server_concurrency)
+                         gen_temperature, gen_top_p, gen_top_k, gen_batch_size, seed, server_url, server_concurrency,
+                         server_timeout, server_retries)
         barrier()
         if world > 1 and rank == 0:  # merge the rank parts in input order
             rows = sorted((r for q in range(world) for r in read_answers(part_path(q))), key=lambda r: r["sample_id"])

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
@@ -335,6 +336,68 @@ def test_server_regeneration_equals_in_process_at_temperature_0(chatty, tmp_path
     ra, rb = bc.read_answers(a), bc.read_answers(b)
     assert ra == rb and len(ra) == 5
     assert {r["finish_reason"] for r in ra} == {"stop", "length"} and any(r["messages"][1]["content"] for r in ra)
+
+
+class FlakyServer(BaseHTTPRequestHandler):
+    """Replies by the user text: "fail N" -> HTTP 500 for its first N requests then an answer; "trickle" -> one
+    byte every 50 ms; "hang" -> waits for `release`; "bad request" -> 400 after 0.5 s; "list" -> a non-string content."""
+    seen, release = {}, threading.Event()
+
+    def do_POST(self):
+        text = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][-1]["content"]
+        self.seen[text] = self.seen.get(text, 0) + 1
+        if text == "bad request":
+            time.sleep(0.5)  # after "fine" has been answered
+        if text.startswith("fail") and self.seen[text] <= int(text.split()[1]) or text == "bad request":
+            self.send_error(500 if text.startswith("fail") else 400)
+            return
+        if text == "hang":
+            self.release.wait(10)
+        content = [1, 2] if text == "list" else "ok"
+        data = json.dumps({"choices": [{"message": {"content": content}, "finish_reason": "stop"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        for i in range(len(data)) if text == "trickle" else [None]:
+            self.wfile.write(data[i:i + 1] if i is not None else data)
+            self.wfile.flush()
+            if i is not None:
+                time.sleep(0.05)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_server_errors_are_retried_bounded_and_reported_at_once(chatty, tmp_path):
+    """A 5xx is retried with backoff; a 4xx, a non-text reply, retries used up or a response still trickling
+    after the timeout stop with one line naming the server; with requests in flight, the first error stops the
+    run at once (not after the request queued before it), and the answers finished before it stay on disk."""
+    from http.server import ThreadingHTTPServer
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FlakyServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    ask = lambda text, **kw: bc.chat_request(url, "m", [{"role": "user", "content": text}], 0, backoff=0.01, **kw)
+    try:
+        assert ask("fail 2", retries=2) == ("ok", "stop")  # two 500s, then the answer
+        with pytest.raises(SystemExit, match="HTTP 500.*after 2 attempt"):
+            ask("fail 5", retries=1)
+        with pytest.raises(SystemExit, match="HTTP 400.*after 1 attempt"):
+            ask("bad request", retries=3)  # a client error is not retried
+        with pytest.raises(SystemExit, match="list, not text"):
+            ask("list")
+        t0 = time.time()
+        with pytest.raises(SystemExit, match="not complete after the request timeout"):
+            ask("trickle", timeout=0.3, retries=0)
+        assert time.time() - t0 < 2  # the whole body would take ~4 s
+        convs = [[{"role": "user", "content": c}] for c in ("fine", "hang", "bad request")]
+        path, t0 = str(tmp_path / "a.jsonl"), time.time()
+        with pytest.raises(SystemExit, match="HTTP 400"):
+            bc.generate_answers(chatty, convs, [0, 1, 2], path, server_url=url, concurrency=3, retries=0)
+        assert time.time() - t0 < 5  # reported while "hang" is still waiting (up to 10 s)
+        assert [r["sample_id"] for r in bc.read_answers(path)] == [0]  # the finished answer is kept
+    finally:
+        FlakyServer.release.set()
+        server.shutdown()
 
 
 def test_dry_run_upper_bound_holds_for_full_length_answers(tiny):
