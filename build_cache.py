@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from transformers import GenerationConfig, LogitsProcessorList
 
-from configurator import FRACTION, NON_NEGATIVE, POSITIVE, Range, atomic_path, check_ranges, configure, init_distributed
+from configurator import FRACTION, NON_NEGATIVE, POSITIVE, Range, atomic_path, file_crc32, check_ranges, configure, init_distributed
 from kernels import logits_to_probs
 from prompts import builtin_prompts, load_prompts, normalize_conversation  # noqa: F401 (build_cache.X works too)
 from target import load_target
@@ -372,6 +372,7 @@ def build_features(target, rows, cache_dir, rank=0, cache_dtype="fp8", max_len=4
                                "supervised_tokens": sum(s[2] for s in shard), "hidden_tokens": int(idx[:, 2].sum())})
         if os.path.exists(name + ".idx.npy") and os.path.exists(name + ".bin") and \
                 os.path.getsize(name + ".bin") == nbytes and np.array_equal(np.load(name + ".idx.npy"), idx):
+            part["shards"][-1]["crc32"] = file_crc32(name + ".bin")
             continue  # finished by an earlier run
 
         def write(f):
@@ -384,6 +385,7 @@ def build_features(target, rows, cache_dir, rank=0, cache_dtype="fp8", max_len=4
                 f.write(rec + bytes(int(idx[j, 4]) - len(rec)))
         _atomic_write(name + ".bin", write)
         _atomic_write(name + ".idx.npy", lambda f: np.save(f, idx))  # written last: marks the shard done
+        part["shards"][-1]["crc32"] = file_crc32(name + ".bin")  # CacheReader checks it once per shard
         done += part["shards"][-1]["tokens"]
         tps = done / (time.time() - t0)
         print(f"features: rank {rank} shard {k + 1}/{len(shards)}, {tps:.0f} tokens/s", flush=True)
@@ -473,8 +475,14 @@ class CacheReader:
 
     def __getitem__(self, i):
         sid, T, nl, off, size, k = (int(v) for v in self.index[i])
-        if k not in self._maps:  # opened lazily: each DataLoader worker maps its own
-            self._maps[k] = np.memmap(os.path.join(self.cache_dir, self.manifest["shards"][k]["file"]), np.uint8, "r")
+        if k not in self._maps:  # opened lazily, checked once (crc32 of the whole shard, recorded when written)
+            shard = self.manifest["shards"][k]
+            path = os.path.join(self.cache_dir, shard["file"])
+            if "crc32" in shard and file_crc32(path) != shard["crc32"]:
+                self._fail(f"shard {shard['file']} is corrupt (its crc32 differs from the one recorded when it was "
+                           f"written)", f"rm {path} && python build_cache.py <config> --cache_dir={self.cache_dir} "
+                           f"--stage=features (recomputes that shard only)")
+            self._maps[k] = np.memmap(path, np.uint8, "r")
         buf = self._maps[k][off:off + size]
         layout, _ = record_layout(T, nl, self.hidden_size, self.n_layers, self.cache_dtype)
         sec = lambda name, dt: torch.from_numpy(np.frombuffer(buf, dt, layout[name][1] // np.dtype(dt).itemsize,

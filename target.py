@@ -31,6 +31,7 @@ from transformers import (AttentionInterface, AttentionMaskInterface, AutoModelF
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from configurator import verify_checksums
 from kernels import tree_attention
 
 CACHE_ROOT = os.environ.get("NANOSPEC_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanospec"))
@@ -478,6 +479,7 @@ def load_drafter(path, target):
     if ids != list(target.layer_ids):
         raise SystemExit(f"drafter {path} taps layers {ids} but the target was loaded with {target.layer_ids}: "
                          f"load it with load_target(..., layer_ids={ids})")
+    verify_checksums(path, "retrain or pick another checkpoint")
     model = drafter_class(cfg).from_pretrained(path, target=target)
     bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()), None)
     if bad is not None:

@@ -37,7 +37,8 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from build_cache import CacheReader, make_record, read_answers, render_sample  # the data path
-from configurator import NON_NEGATIVE, POSITIVE, Range, atomic_path, check_ranges, configure, init_distributed
+from configurator import NON_NEGATIVE, POSITIVE, Range, atomic_path, check_ranges, configure, init_distributed, \
+    verify_checksums, write_checksums
 from evaluate import measure_tau
 from target import check_geometry, load_target, new_drafter
 
@@ -215,6 +216,7 @@ if master:
 # --- resume ----------------------------------------------------------------------------------------
 step = 0
 if resume and ckpt:  # step_latest, or the newest complete step_<N> when step_latest is dangling or incomplete
+    verify_checksums(os.path.realpath(ckpt), "move it away to resume from the checkpoint before it", "train: ")
     state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location=device, weights_only=True)
     weights = load_file(os.path.join(ckpt, "model.safetensors"), device=str(device))
     model.load_state_dict({**model.state_dict(), **weights})
@@ -247,6 +249,7 @@ def save_checkpoint(step):
         torch.save({"optimizer": optimizer.state_dict(), "step": step, "samples_seen": step * global_batch_size}, tmp)
     with atomic_path(os.path.join(path, "nanospec_config.json")) as tmp, open(tmp, "w") as f:
         json.dump(config, f, indent=1)
+    write_checksums(path, ["model.safetensors", "config.json", "train_state.pt", "nanospec_config.json"])
     with atomic_path(latest) as tmp:  # step_latest is always a complete checkpoint
         os.symlink(f"step_{step}", tmp)
     older = sorted(int(d[5:]) for d in os.listdir(out_dir) if d[:5] == "step_" and d[5:].isdigit() and int(d[5:]) < step)

@@ -1,6 +1,7 @@
 """train.py: DeepSpec's loss normalization, DDP == one process, exact resume (also on another process count),
 online == offline, and every config builds its drafter at the real geometry on the meta device."""
 import glob
+import json
 import os
 import re
 import shutil
@@ -345,7 +346,44 @@ def test_load_drafter_refuses_non_finite_weights(run4, tmp_path):
     weights = load_file(d / "model.safetensors")
     weights["fc.weight"][0, 0] = float("nan")
     save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    os.remove(d / "checksums.json")  # a checkpoint without checksums (DeepSpec's): the NaN check still stops it
     target = load_target("tiny-qwen3")
     load_drafter(str(run4 / "step_4"), target)  # the intact checkpoint loads
     with pytest.raises(SystemExit, match=r"model.safetensors holds NaN/inf in fc.weight; retrain"):
         load_drafter(str(d), target)
+
+
+def flip_byte(path, offset_from_end=100):
+    with open(path, "r+b") as f:
+        f.seek(-offset_from_end, 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+def test_flipped_bytes_in_a_checkpoint_or_a_shard_are_caught(cache, run4, tmp_path):
+    """A byte flipped in a checkpoint's weights stops load_drafter and a resume with one line naming the file
+    (without checksums.json the same file loads silently: the check is what catches it); a byte flipped in a
+    feature shard stops CacheReader at the first read of that shard, naming it."""
+    from build_cache import CacheReader
+    from target import load_drafter
+    from target import load_target
+    out = copy_of(run4, tmp_path)
+    flip_byte(out / "step_4" / "model.safetensors")
+    target = load_target("tiny-qwen3")
+    with pytest.raises(SystemExit, match=r"step_4/model.safetensors is corrupt"):
+        load_drafter(str(out / "step_4"), target)
+    line = refused([f"--cache_dir={cache}", f"--out_dir={out}", "--max_steps=5", "--save_interval=1"])
+    assert "step_4/model.safetensors is corrupt" in line and "move" in line
+    os.remove(out / "step_4" / "checksums.json")
+    changed = load_drafter(str(out / "step_4"), target)  # power: the flipped weight loads without the check
+    intact = load_drafter(str(run4 / "step_4"), target)
+    assert any(not torch.equal(a, b) for a, b in zip(changed.state_dict().values(), intact.state_dict().values()))
+    d = tmp_path / "cache"
+    shutil.copytree(cache, d)
+    shard = json.load(open(d / "manifest.json"))["shards"][0]
+    assert len(shard["crc32"]) == 8
+    flip_byte(d / shard["file"], 7)
+    reader = CacheReader(str(d))
+    with pytest.raises(SystemExit, match=f"shard {shard['file']} is corrupt.*rm "):
+        reader[0]
