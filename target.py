@@ -25,6 +25,7 @@ import tempfile
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM, AutoTokenizer,
                           DynamicCache, PreTrainedTokenizerFast)
@@ -452,8 +453,18 @@ def find_checkpoint(path):
             raise SystemExit(f"drafter folder {path} not found; fix --checkpoint")
         from huggingface_hub import snapshot_download  # a hub id (untested here: no network)
         path = snapshot_download(path, allow_patterns=["config.json", "*.safetensors"])
-    with open(os.path.join(path, "config.json")) as f:
-        return path, json.load(f)
+    for name in ("config.json", "model.safetensors"):
+        if not os.path.exists(os.path.join(path, name)):
+            raise SystemExit(f"drafter folder {path} has no {name}: not a drafter checkpoint (or a copy cut short); "
+                             f"fix --checkpoint")
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise SystemExit(f"{path}/config.json is not valid JSON ({e}): restore it from the checkpoint's source")
+    if not isinstance(config, dict):
+        raise SystemExit(f"{path}/config.json is not a JSON object: restore it from the checkpoint's source")
+    return path, config
 
 
 def target_of(config):
@@ -480,7 +491,11 @@ def load_drafter(path, target):
         raise SystemExit(f"drafter {path} taps layers {ids} but the target was loaded with {target.layer_ids}: "
                          f"load it with load_target(..., layer_ids={ids})")
     verify_checksums(path, "retrain or pick another checkpoint")
-    model = drafter_class(cfg).from_pretrained(path, target=target)
+    try:
+        model = drafter_class(cfg).from_pretrained(path, target=target)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:  # a truncated or foreign file
+        raise SystemExit(f"drafter {path}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+                         f"retrain or pick another checkpoint") from None
     bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()), None)
     if bad is not None:
         raise SystemExit(f"drafter {path}: model.safetensors holds NaN/inf in {bad}; retrain or pick another checkpoint")

@@ -529,6 +529,20 @@ def test_load_drafter_and_mismatch_errors(tiny, tmp_path):
     (tmp_path / "dspark" / "config.json").write_text(json.dumps({**cfg, "target_layer_ids": [0, 1, 2, 3, 5]}))
     with pytest.raises(SystemExit, match="taps layers"):
         load_drafter(str(tmp_path / "dspark"), t)
+    (tmp_path / "dspark" / "config.json").write_text(json.dumps(cfg))
+    weights = (tmp_path / "dspark" / "model.safetensors").read_bytes()
+    (tmp_path / "dspark" / "model.safetensors").write_bytes(weights[:len(weights) // 2])  # a copy cut short
+    with pytest.raises(SystemExit, match="dspark: cannot load it .*retrain"):
+        load_drafter(str(tmp_path / "dspark"), t)
+    (tmp_path / "dspark" / "config.json").write_text('{"architectures": ["Qwen3DSparkModel"')
+    with pytest.raises(SystemExit, match="config.json is not valid JSON"):
+        load_drafter(str(tmp_path / "dspark"), t)
+    os.remove(tmp_path / "dspark" / "model.safetensors")
+    with pytest.raises(SystemExit, match="has no model.safetensors"):
+        load_drafter(str(tmp_path / "dspark"), t)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="has no config.json"):
+        load_drafter(str(tmp_path / "empty"), t)
     with pytest.raises(SystemExit, match="prompt x\\[0\\].*max_new_tokens"):
         E.check_length(t, torch.zeros(2000, dtype=torch.long), 100, K, "prompt x[0]")
 
