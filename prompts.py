@@ -92,7 +92,8 @@ def load_task(name, data_dir="", num_prompts=0, turns=0, heldout=False):
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f):
             if line.strip():
-                t = json.loads(line).get("turns")
+                row = _json_or_none(line)
+                t = row.get("turns") if isinstance(row, dict) else None
                 if not (isinstance(t, list) and t and all(isinstance(s, str) for s in t)):
                     raise SystemExit(f"{path}:{i + 1}: each row must be {{\"turns\": [non-empty list of strings]}}")
                 rows.append(t)

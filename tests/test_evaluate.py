@@ -505,6 +505,10 @@ def test_load_task_selection(tmp_path, monkeypatch):
     assert prompts.load_task("mine") == [["a", "b"], ["c"]]
     with pytest.raises(prompts.MissingTask, match="nope"):
         prompts.load_task("nope", str(tmp_path))
+    for bad in ('{"turns": ["a"]', '{"turns": [1]}', '[1, 2]'):  # cut JSON, a wrong type, not an object
+        (tmp_path / "bad.jsonl").write_text('{"turns": ["fine"]}\n' + bad + "\n")
+        with pytest.raises(SystemExit, match="bad.jsonl:2: each row must be"):
+            prompts.load_task("bad", str(tmp_path))
 
 
 def test_load_drafter_and_mismatch_errors(tiny, tmp_path):
