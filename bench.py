@@ -64,10 +64,6 @@ TREE_PROMPTS = ["Write a short story about a robot who learns to paint.", "Expla
                 "List five fruits and their colors.", "What causes the seasons on Earth?"]
 
 # -----------------------------------------------------------------------------
-# one variant, run inside a fresh subprocess
-
-
-# -----------------------------------------------------------------------------
 # naive references: full [N, V] softmaxes, autograd does the backward. What kernels.py's fused losses compute
 # (tests/test_kernels.py checks them against these) and the baseline `bench.py loss` measures them against.
 
@@ -103,6 +99,9 @@ def naive_soft_ce(h_draft, h_target, W, weights=None, return_stats=False):
     l1 = torch.where(keep, (logp_d.exp() - p_t).abs().sum(-1), 0.0).detach()
     return loss, l1, torch.where(keep, zd.argmax(-1), -1), torch.where(keep, zt.argmax(-1), -1)
 
+
+# -----------------------------------------------------------------------------
+# one variant, run inside a fresh subprocess
 
 def _status_kb(key):  # a field of /proc/self/status, in kB
     with open("/proc/self/status") as f:

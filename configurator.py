@@ -46,16 +46,8 @@ def script_defaults(path):
 
 # Keys that several scripts declare. Each means the same thing in every script that has it, so a config file
 # sets it once for all; any other key belongs to one script (no name may mean two things: test_config checks).
-SHARED_KEYS = {
-    "target": "the target model (evaluate.py, scheduler.py: '' = the one named in the drafter's config.json)",
-    "target_layer_ids": "the target layers whose outputs the drafter reads",
-    "cache_dir": "answers.jsonl and feature shards", "max_len": "tokens per training sequence",
-    "min_supervised": "samples with fewer supervised tokens are dropped",
-    "keep_truncated": "keep answers cut by the generation budget",
-    "checkpoint": "the drafter to load (folder or hub id)", "num_drafts": "drafts verified per round",
-    "task": "evaluation task", "data_dir": "folder of <task>.jsonl files", "max_new_tokens": "tokens decoded per turn",
-    "temperature": "decoding temperature (0 = greedy)", "out": "report JSON path",
-    "device": "'' = cuda if available, else cpu", "dtype": "compute dtype", "seed": "the run's random seed"}
+SHARED_KEYS = {"target", "target_layer_ids", "cache_dir", "max_len", "min_supervised", "keep_truncated", "checkpoint",
+               "num_drafts", "task", "data_dir", "max_new_tokens", "temperature", "out", "device", "dtype", "seed"}
 
 
 def collisions(defaults_by_script):
@@ -173,8 +165,7 @@ def configure(defaults, argv=None, verbose=True):
 
 
 class Range:
-    """A key's valid values: a test and the same in words. (A class, not a tuple: a script imports these names
-    into its globals, and configure() takes every literal-typed global of a script for a config key.)"""
+    """A key's valid values: a test, and the same in words for the error message."""
 
     def __init__(self, ok, words):
         self.ok, self.words = ok, words
@@ -215,10 +206,8 @@ def file_crc32(path):
     """crc32 of a file as 8 hex digits, read in 16 MiB pieces (about 1 GB/s: a check per file, not per read)."""
     crc = 0
     with open(path, "rb") as f:
-        chunk = f.read(1 << 24)
-        while chunk:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
             crc = zlib.crc32(chunk, crc)
-            chunk = f.read(1 << 24)
     return f"{crc:08x}"
 
 
