@@ -243,9 +243,11 @@ def assert_intact(out, run):
 
 
 def nan_taps(cache, dst):
-    """A copy of the cache whose taps are all NaN (bf16 0x7fc0), as a corrupted shard's would be."""
+    """A copy of the cache whose taps are all NaN (bf16 0x7fc0), as a target that overflowed would have written
+    them: the manifest's checksums are those of the NaN shards, so only the finiteness guard can catch them."""
     import numpy as np
     from build_cache import CacheReader, record_layout
+    from configurator import file_crc32
     shutil.copytree(cache, dst)
     r = CacheReader(str(dst))
     for _, T, nl, off, _, k in r.index.tolist():
@@ -253,6 +255,9 @@ def nan_taps(cache, dst):
         shard = np.memmap(os.path.join(dst, r.manifest["shards"][k]["file"]), np.uint8, "r+")
         shard[off + start:off + start + size].view(np.uint16)[:] = 0x7fc0
         shard.flush()
+    for s in r.manifest["shards"]:
+        s["crc32"] = file_crc32(os.path.join(dst, s["file"]))
+    json.dump(r.manifest, open(os.path.join(dst, "manifest.json"), "w"))
     return dst
 
 
