@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 from transformers import GenerationConfig, LogitsProcessorList
 
-from configurator import FRACTION, NON_NEGATIVE, POSITIVE, Range, atomic_path, file_crc32, check_ranges, configure, init_distributed
+from configurator import (FRACTION, NON_NEGATIVE, POSITIVE, Range, atomic_path, check_ranges, configure, file_crc32,
+                          init_distributed)
 from kernels import logits_to_probs
 from prompts import builtin_prompts, load_prompts, normalize_conversation  # noqa: F401 (build_cache.X works too)
 from target import load_target
@@ -209,8 +210,7 @@ def generate_answers(target, convs, sample_ids, path, max_new_tokens=256, temper
     for a in sorted({j - j % step for j in holes}):  # the batch a full run makes, so the same rows; none replaced
         have = {**{r["sample_id"]: r for r in regenerate(convs[a:a + step], sample_ids[a:a + step], seed, fn)}, **have}
     if holes or bad:  # atomic: a kill leaves the old file or the new one
-        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(json.dumps(have[s], ensure_ascii=False) + "\n" for s in sample_ids[:k]))
+        _atomic_write(path, "".join(json.dumps(have[s], ensure_ascii=False) + "\n" for s in sample_ids[:k]).encode())
         print(f"answers: dropped corrupt line(s) {bad}, regenerated missing sample(s) "
               f"{[sample_ids[j] for j in holes]}, rewrote {path}", flush=True)
     t0, written, new_tokens = time.time(), [k], [0]
@@ -549,7 +549,8 @@ if __name__ == "__main__":
         answered = [r for r in answered if r["sample_id"] < len(convs)]
     pending = [convs[i] for i in sorted(set(range(len(convs))) - {r["sample_id"] for r in answered})]
     gen_settings = {**fp, "layer_ids": None, "prompts": prompt_source, "seed": seed,
-                    "gen_max_new_tokens": gen_max_new_tokens, "gen_temperature": gen_temperature, "gen_top_p": gen_top_p, "gen_top_k": gen_top_k}
+                    "gen_max_new_tokens": gen_max_new_tokens, "gen_temperature": gen_temperature,
+                    "gen_top_p": gen_top_p, "gen_top_k": gen_top_k}
     if os.path.exists(spath):  # answers must be this target's (and, to extend them, made the same way)
         old, new = json.load(open(spath)), json.loads(json.dumps(gen_settings))
         diff = [k for k in (new if pending else ("target_config_hash", "chat_template_hash")) if old.get(k) != new[k]]

@@ -395,7 +395,7 @@ def load_target(name, dtype="float32", device="cpu", layer_ids=None, mask_token_
     return Target(model, tok, name, layer_ids=layer_ids, mask_token_id=mask_token_id)
 
 
-def check_geometry(target, geometry, key="target_geometry"):
+def check_geometry(target, geometry):
     """The loaded target must be the one a config was written for: geometry {layers, hidden, heads, kv_heads,
     head_dim, vocab} (None = unchecked) against its config, else one line naming every mismatch."""
     c = target.config
@@ -403,7 +403,7 @@ def check_geometry(target, geometry, key="target_geometry"):
                 kv_heads=c.num_key_value_heads, head_dim=getattr(c, "head_dim", None), vocab=c.vocab_size)
     bad = {k: (v, have.get(k)) for k, v in (geometry or {}).items() if have.get(k) != v}
     if bad:
-        raise SystemExit(f"target {target.name} does not match the config's {key}: "
+        raise SystemExit(f"target {target.name} does not match the config's target_geometry: "
                          + ", ".join(f"{k} expected {a} got {b}" for k, (a, b) in bad.items()))
 
 
