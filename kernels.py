@@ -60,13 +60,14 @@ def logits_to_probs(logits, temperature=0.0, top_k=0, top_p=1.0):
 #   and the gradient itself (pass 2, in backward) needs S, hence the recomputation of the chunks.
 # With upstream per-row gradients g_ce, g_l1 (or g for soft CE): dz = g_ce dce/dz + g_l1 dl1/dz, then
 #   grad_h = dz @ W,  grad_A = dz @ Bm,  grad_Bm = dz^T @ A   (z = h W^T + A Bm^T)
+# Soft cap c (Gemma): z = c tanh(h W^T / c) + A Bm^T, z_t = c tanh(h_t W^T / c); grad_h = (dz (1 - (z_cap/c)^2)) @ W
 
 
-def _torch_pass(PASS, soft, hd, ht, lab, W, A, Bm, st, grads=(None, None, None)):
+def _torch_pass(PASS, soft, cap, hd, ht, lab, W, A, Bm, st, grads=(None, None, None)):
     """One pass of the Triton kernel below as a PyTorch loop over vocabulary chunks, with its interface:
     per-row st [n, 5] = (lse_d, lse_t, S, g_main, g_l1) in; partials [n, splits, 8] out, here one split:
     pass 0 (lse_d, lse_t, sum_v p_t z_d, z_y, max z_d, argmax z_d, max z_t, argmax z_t), pass 1 (l1, S);
-    pass 2 adds the gradients into grads = (gh, gA, gBm), fp32."""
+    pass 2 adds the gradients into grads = (gh, gA, gBm), fp32. cap > 0: soft-capped base logits."""
     n, V = hd.shape[0], W.shape[0]
     kw = dict(device=hd.device, dtype=torch.float32)
     lse_d, lse_t, S, g_main, g_l1 = st.unbind(1)
@@ -81,6 +82,9 @@ def _torch_pass(PASS, soft, hd, ht, lab, W, A, Bm, st, grads=(None, None, None))
     for v0 in range(0, V, VOCAB_CHUNK):
         v1 = min(v0 + VOCAB_CHUNK, V)
         zd, zt = (hd @ W[v0:v1].T).float(), (ht @ W[v0:v1].T).float()  # (n, C) logits of this chunk
+        if cap:  # z = c tanh(z / c), in place; dcap = dz / dz_raw = 1 - tanh^2 for grad_h
+            zd, zt = zd.div_(cap).tanh_(), zt.div_(cap).tanh_()
+            dcap, zd, zt = (1 - zd.square() if PASS == 2 else None), zd.mul_(cap), zt.mul_(cap)
         if A is not None and A.dtype == torch.float32:
             zd.addmm_(A, Bm[v0:v1].T)  # + low-rank bias, built one chunk at a time (in place: no temporary)
         elif A is not None:
@@ -111,11 +115,13 @@ def _torch_pass(PASS, soft, hd, ht, lab, W, A, Bm, st, grads=(None, None, None))
             s = p_t.neg_().add_(p_d).sign_()
             dz = s.sub_(S[:, None]).mul_(g_l1[:, None]).add_(g_main[:, None]).mul_(p_d)
             dz[rows[inside], lab[inside] - v0] -= g_main[inside]
-        dz = dz.to(W.dtype)  # bf16 inputs: bf16 matmuls like the model's, fp32 accumulators
-        gh += (dz @ W[v0:v1]).float()  # grad_h = dz @ W  (n, H)
+        dzw = dz.to(W.dtype)  # bf16 inputs: bf16 matmuls like the model's, fp32 accumulators
         if A is not None:
-            gA += (dz @ Bm[v0:v1]).float()  # grad_A = dz @ Bm  (n, r)
-            gBm[v0:v1] = dz.T @ A  # grad_Bm = dz^T @ A  (C, r)
+            gA += (dzw @ Bm[v0:v1]).float()  # grad_A = dz @ Bm  (n, r)
+            gBm[v0:v1] = dzw.T @ A  # grad_Bm = dz^T @ A  (C, r)
+        if cap:  # through the cap (the bias is not capped)
+            dzw = dz.mul_(dcap).to(W.dtype)
+        gh += (dzw @ W[v0:v1]).float()  # grad_h = dz @ W  (n, H)
     if PASS == 0:  # the partials of one split, as the kernel writes them
         out[:, 0] = torch.stack([lse_d, lse_t, dot, zlab, best_d, am_d.float(), best_t, am_t.float()], 1)
     return out
@@ -159,8 +165,9 @@ def _triton_kernel(name):
 # pass 2 forms the dz tile and atomically adds dz @ W_tile into grad_h (and grad_A, grad_Bm).
 
 def _vocab_loss_kernel(hd_ptr, ht_ptr, w_ptr, a_ptr, bm_ptr, lab_ptr, st_ptr, out_ptr, gh_ptr, ga_ptr, gbm_ptr,
-                       n, V, H, R, SPLIT, NSPLIT, PASS: tl.constexpr, SOFT: tl.constexpr, UPCAST: tl.constexpr,
-                       PREC: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, BR: tl.constexpr):
+                       n, V, H, R, SPLIT, NSPLIT, PASS: tl.constexpr, SOFT: tl.constexpr, CAP: tl.constexpr,
+                       UPCAST: tl.constexpr, PREC: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+                       BR: tl.constexpr):
     pid_n, pid_v = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BN + tl.arange(0, BN)
     rmask = rows < n
@@ -202,6 +209,9 @@ def _vocab_loss_kernel(hd_ptr, ht_ptr, w_ptr, a_ptr, bm_ptr, lab_ptr, st_ptr, ou
                 w, x, y = w.to(tl.float32), x.to(tl.float32), y.to(tl.float32)
             zd = tl.dot(x, tl.trans(w), zd, input_precision=PREC)
             zt = tl.dot(y, tl.trans(w), zt, input_precision=PREC)
+        if CAP > 0:  # soft cap before the bias: z = c tanh(z / c), tanh(x) = 2 sigmoid(2x) - 1
+            zd, zt = CAP * (2 * tl.sigmoid(zd * (2 / CAP)) - 1), CAP * (2 * tl.sigmoid(zt * (2 / CAP)) - 1)
+            dcap = 1 - (zd / CAP) * (zd / CAP)  # dz / dz_raw, for grad_h
         for r0 in range(0, R, BR):  # Markov bias tile A [BN, r] @ Bm_tile [BV, r]^T (R = 0: no bias)
             rs = r0 + tl.arange(0, BR)
             rk = rs < R
@@ -240,6 +250,7 @@ def _vocab_loss_kernel(hd_ptr, ht_ptr, w_ptr, a_ptr, bm_ptr, lab_ptr, st_ptr, ou
                     onehot = tl.where(cols[None, :] == lab[:, None], 1.0, 0.0)
                     dz = g_main[:, None] * (p_d - onehot) + g_l1[:, None] * p_d * (sgn - S[:, None])
                 dz = tl.where(rmask[:, None] & cmask[None, :], dz, 0.0)
+                dzh = dz * dcap if CAP > 0 else dz  # grad_h goes through the cap, grad_A and grad_Bm do not
                 for k0 in range(0, H, BH):  # grad_h[rows, k-block] += dz @ W_tile[:, k-block]
                     ks = k0 + tl.arange(0, BH)
                     kmask = ks < H
@@ -247,7 +258,7 @@ def _vocab_loss_kernel(hd_ptr, ht_ptr, w_ptr, a_ptr, bm_ptr, lab_ptr, st_ptr, ou
                     w = tl.load(w_ptr + w_off, mask=w_msk, other=0.0)
                     if UPCAST:
                         w = w.to(tl.float32)
-                    gh = tl.dot(dz.to(w.dtype), w, input_precision=PREC)  # (BN, BH)
+                    gh = tl.dot(dzh.to(w.dtype), w, input_precision=PREC)  # (BN, BH)
                     # other vocab tiles add to the same rows: atomics (fp32 buffer)
                     tl.atomic_add(gh_ptr + r64[:, None] * H + ks[None, :], gh, mask=rmask[:, None] & kmask[None, :])
                 for r0 in range(0, R, BR):
@@ -279,7 +290,7 @@ def _vocab_loss_kernel(hd_ptr, ht_ptr, w_ptr, a_ptr, bm_ptr, lab_ptr, st_ptr, ou
         tl.store(o + 1, acc_S, mask=rmask)
 
 
-def _triton_pass(PASS, soft, hd, ht, lab, W, A, Bm, st, grads=(None, None, None)):
+def _triton_pass(PASS, soft, cap, hd, ht, lab, W, A, Bm, st, grads=(None, None, None)):
     """Launches one pass of the kernel; the signature and partials [n, NSPLIT, 8] of _torch_pass."""
     kernel = _triton_kernel("loss")
     interpret = _interpreted()
@@ -295,7 +306,7 @@ def _triton_pass(PASS, soft, hd, ht, lab, W, A, Bm, st, grads=(None, None, None)
     gh, gA, gBm = grads
     kernel[(triton.cdiv(n, BN), NSPLIT)](
         hd, ht, W, ptr(A), ptr(Bm), lab, st, out, ptr(gh), ptr(gA), ptr(gBm), n, V, H, R, SPLIT, NSPLIT,
-        PASS=PASS, SOFT=soft, UPCAST=interpret, PREC="ieee" if W.dtype == torch.float32 else "tf32",
+        PASS=PASS, SOFT=soft, CAP=cap, UPCAST=interpret, PREC="ieee" if W.dtype == torch.float32 else "tf32",
         BN=BN, BV=BV, BH=BH, BR=BR, num_warps=8)
     return out
 
@@ -308,10 +319,10 @@ class _VocabLoss(torch.autograd.Function):
     """Per-row (main, l1, argmax_d, argmax_t); main = ce (DSpark) or soft ce; l1 differentiable for DSpark."""
 
     @staticmethod
-    def forward(ctx, soft, want_l1, hd, ht, lab, W, A, Bm):
+    def forward(ctx, soft, want_l1, cap, hd, ht, lab, W, A, Bm):
         run = _triton_pass if _use_triton(hd) else _torch_pass  # partials [n, splits, 8] from either
         zero = torch.zeros(hd.shape[0], device=hd.device, dtype=torch.float32)
-        P = run(0, soft, hd, ht, lab, W, A, Bm, st=torch.stack([zero] * 5, 1))
+        P = run(0, soft, cap, hd, ht, lab, W, A, Bm, st=torch.stack([zero] * 5, 1))
         # merge the splits j: lse = log sum_j e^(lse_j); the argmax of the split holding the max logit
         lse_d, lse_t = P[..., 0].logsumexp(1), P[..., 1].logsumexp(1)
         if soft:  # sum_v p_t z_d = sum_j (p_t mass of split j) (split j's own sum p_t z_d)
@@ -322,9 +333,9 @@ class _VocabLoss(torch.autograd.Function):
         am_t = P[..., 7].gather(1, P[..., 6].argmax(1, keepdim=True))[:, 0].long()
         l1, S = None, zero  # S = sum_v p_d s_v, needed by DSpark's l1 gradient only
         if want_l1:
-            P = run(1, False, hd, ht, lab, W, A, Bm, st=torch.stack([lse_d, lse_t, zero, zero, zero], 1))
+            P = run(1, False, cap, hd, ht, lab, W, A, Bm, st=torch.stack([lse_d, lse_t, zero, zero, zero], 1))
             l1, S = P[..., 0].sum(1), P[..., 1].sum(1)
-        ctx.soft, ctx.run = soft, run
+        ctx.soft, ctx.cap, ctx.run = soft, cap, run
         ctx.save_for_backward(hd, ht, lab, W, A, Bm, lse_d, lse_t, S)
         if soft and want_l1:  # soft CE's l1 is a statistic
             ctx.mark_non_differentiable(l1)
@@ -342,13 +353,13 @@ class _VocabLoss(torch.autograd.Function):
         if A is not None:
             gA, gBm = torch.zeros(A.shape, **f32), torch.zeros(Bm.shape, **f32)
         st = torch.stack([lse_d, lse_t, S, g_main, g_l1], 1)
-        ctx.run(2, ctx.soft, hd, ht, lab, W, A, Bm, st, grads=(gh, gA, gBm))
+        ctx.run(2, ctx.soft, ctx.cap, hd, ht, lab, W, A, Bm, st, grads=(gh, gA, gBm))
         if A is not None:
             gA, gBm = gA.to(A.dtype), gBm.to(Bm.dtype)
-        return None, None, gh.to(hd.dtype), None, None, None, gA, gBm
+        return None, None, None, gh.to(hd.dtype), None, None, None, gA, gBm
 
 
-def _vocab_loss(soft, want_l1, h_draft, h_target, labels, W, bias, weights):
+def _vocab_loss(soft, want_l1, h_draft, h_target, labels, W, bias, weights, softcap):
     N, dev = h_draft.shape[0], h_draft.device
     if labels is None:  # soft CE has no labels; -1 matches no vocabulary column
         labels = torch.full((N,), -1, dtype=torch.long, device=dev)
@@ -367,8 +378,8 @@ def _vocab_loss(soft, want_l1, h_draft, h_target, labels, W, bias, weights):
         A, Bm = bias
         A, Bm = take(A), Bm.to(W.dtype).contiguous()
     lab = labels if keep is None else labels[keep]
-    main, l1, am_d, am_t = _VocabLoss.apply(soft, want_l1, take(h_draft), take(h_target), lab.contiguous(),
-                                            W.detach().contiguous(), A, Bm)
+    main, l1, am_d, am_t = _VocabLoss.apply(soft, want_l1, float(softcap or 0), take(h_draft), take(h_target),
+                                            lab.contiguous(), W.detach().contiguous(), A, Bm)
     if keep is None:
         return main, l1, am_d, am_t
 
@@ -377,24 +388,24 @@ def _vocab_loss(soft, want_l1, h_draft, h_target, labels, W, bias, weights):
     return full(main, 0), full(l1, 0), full(am_d, -1), full(am_t, -1)
 
 
-def fused_dspark_loss(h_draft, h_target, labels, W, bias=None, weights=None, return_argmax=False):
+def fused_dspark_loss(h_draft, h_target, labels, W, bias=None, weights=None, return_argmax=False, softcap=None):
     """DSpark's per-row terms without [N, V] tensors.
     h_draft, h_target [N, H], labels [N] (negative = ignored: ce 0), W [V, H] frozen lm_head.
     bias: None or (A [N, r], Bm [V, r]), the low-rank Markov bias A @ Bm^T, built chunk by chunk.
     weights [N]: rows with weight 0 are skipped (values 0, no gradient, argmax -1); other values are
     the caller's to apply. Returns ce [N], l1 [N] = ||p_d - p_t||_1 (= 2 TV), c_star [N] =
     clamp(1 - l1/2, 0, 1) detached, and with return_argmax also the draft and target argmax [N].
-    Gradients reach h_draft, A and Bm."""
-    ce, l1, am_d, am_t = _vocab_loss(False, True, h_draft, h_target, labels, W, bias, weights)
+    Gradients reach h_draft, A and Bm. softcap c: all use logits c tanh(h W^T / c) (the draft's + the uncapped bias)."""
+    ce, l1, am_d, am_t = _vocab_loss(False, True, h_draft, h_target, labels, W, bias, weights, softcap)
     c_star = (1 - l1.detach() / 2).clamp(0, 1)
     return (ce, l1, c_star, am_d, am_t) if return_argmax else (ce, l1, c_star)
 
 
-def fused_soft_ce(h_draft, h_target, W, weights=None, return_stats=False):
+def fused_soft_ce(h_draft, h_target, W, weights=None, return_stats=False, softcap=None):
     """Soft cross-entropy -sum_v p_t log p_d per row [N] against the frozen target distribution.
     With return_stats: (loss, l1 = ||p_d - p_t||_1 detached (one more vocabulary pass), draft argmax,
-    target argmax); weights as in fused_dspark_loss."""
-    loss, l1, am_d, am_t = _vocab_loss(True, return_stats, h_draft, h_target, None, W, None, weights)
+    target argmax); weights and softcap (both logits capped) as in fused_dspark_loss."""
+    loss, l1, am_d, am_t = _vocab_loss(True, return_stats, h_draft, h_target, None, W, None, weights, softcap)
     return (loss, l1.detach(), am_d, am_t) if return_stats else loss
 
 

@@ -1,6 +1,7 @@
 """kernels.py: fused vocab losses (chunked PyTorch and Triton-interpreter paths) against the naive
-references, no [N, V] tensor in the chunked path, the compiled kernels on CUDA (skipped without a GPU),
-logits_to_probs properties, bench.py loss's variant runner."""
+references (also with Gemma's final-logit soft cap), no [N, V] tensor in the chunked path, the compiled kernels on
+CUDA (skipped without a GPU), logits_to_probs properties, bench.py loss's variant runner."""
+import functools
 import os
 import subprocess
 import sys
@@ -66,6 +67,19 @@ def check(got, ref, tol):
         assert err <= tol, f"{k}: relative error {err:.2e} > {tol:.0e}"
 
 
+def run_softcap(case, cap=5.0, device="cpu"):
+    """(fused, naive) outputs of a soft-capped case "dspark-none", "dspark-lowrank" or "soft", fp32, logits of
+    scale ~10 so that the cap c tanh(z / c) really bends them; cap=None runs the fused loss uncapped."""
+    x = {k: v.to(device) for k, v in make(torch.float32).items()}
+    x["W"] = x["W"] * 4
+    if case == "soft":
+        return (run_soft(functools.partial(kernels.fused_soft_ce, softcap=cap), x, torch.float32),
+                run_soft(functools.partial(naive_soft_ce, softcap=5.0), x, torch.float32))
+    bias_kind = case.split("-")[1]
+    return (run_dspark(functools.partial(kernels.fused_dspark_loss, softcap=cap), x, bias_kind, torch.float32),
+            run_dspark(functools.partial(naive_dspark_loss, softcap=5.0), x, bias_kind, torch.float32))
+
+
 def check_masks(out):
     """Weight-0 rows give 0 and no gradient; an ignored label zeroes ce only."""
     for k in ("ce", "l1", "loss", "g_hd", "g_A"):
@@ -104,6 +118,35 @@ def test_soft_ce_chunked_matches_naive(monkeypatch, dtype):
     check(got, ref, 1e-5 if dtype == torch.float32 else 1e-2)
     check_masks(got)
     assert not got["l1"].requires_grad
+
+
+@pytest.mark.parametrize("case", ["dspark-none", "dspark-lowrank", "soft"])
+def test_softcap_chunked_matches_naive(monkeypatch, case):
+    """With softcap = 5 (logits ~10), the chunked losses, argmaxes and grads of h_draft, A, Bm match the reference
+    that caps the base logits before the bias; the uncapped loss does not (so a kernel ignoring the cap fails)."""
+    monkeypatch.setattr(kernels, "VOCAB_CHUNK", 128)
+    got, ref = run_softcap(case)
+    check(got, ref, 1e-5)
+    check_masks(got)
+    plain, _ = run_softcap(case, cap=None)
+    main = "loss" if case == "soft" else "ce"
+    assert (plain[main] - ref[main]).norm() > 0.1 * ref[main].norm()
+    assert (plain["g_hd"] - ref["g_hd"]).norm() > 0.1 * ref["g_hd"].norm()
+
+
+@pytest.mark.parametrize("loss", ["dspark", "soft_ce"])
+def test_softcap_none_or_zero_is_bit_identical(monkeypatch, loss):
+    """softcap=None and softcap=0 compute exactly what a call without the argument does, gradients included."""
+    monkeypatch.setattr(kernels, "VOCAB_CHUNK", 128)
+    x = make(torch.float32)
+    fn = kernels.fused_dspark_loss if loss == "dspark" else kernels.fused_soft_ce
+    outs = []
+    for kw in ({}, dict(softcap=None), dict(softcap=0)):
+        f = functools.partial(fn, **kw)
+        outs.append(run_dspark(f, x, "lowrank", torch.float32) if loss == "dspark" else run_soft(f, x, torch.float32))
+    for out in outs[1:]:
+        for k in outs[0]:
+            assert torch.equal(out[k], outs[0][k]), k
 
 
 def test_masked_rows_are_never_computed():
@@ -177,14 +220,24 @@ def test_interpreted_triton_matches_naive(case):
     check_masks(got)
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="run by test_triton_interpreter_in_subprocess")
+@pytest.mark.parametrize("case", ["dspark-none", "dspark-lowrank", "soft"])
+def test_interpreted_triton_softcap_matches_naive(case):
+    """The kernel's soft-cap branch (forward and backward through the cap, bias uncapped) matches the reference."""
+    got, ref = run_softcap(case)
+    assert type(kernels._TRITON[("loss", True)]).__name__ == "InterpretedFunction"
+    check(got, ref, 1e-5)  # the chunked test shows the uncapped loss misses ref: an ignored cap fails here
+    check_masks(got)
+
+
 @pytest.mark.skipif(INTERPRETED, reason="this is the parent of the interpreted run")
 def test_triton_interpreter_in_subprocess():
     """Runs the interpreted Triton cases in a child process with TRITON_INTERPRET=1; all must pass."""
     pytest.importorskip("triton")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
-                           "-k", "test_interpreted_triton_matches_naive"], cwd=ROOT, capture_output=True, text=True,
+                           "-k", "test_interpreted_triton"], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, TRITON_INTERPRET="1"))
-    assert proc.returncode == 0 and "5 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0 and "8 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
 # -----------------------------------------------------------------------------
@@ -209,6 +262,16 @@ def test_cuda_triton_matches_naive():
         assert type(kernels._TRITON[("loss", False)]).__name__ == "JITFunction", case  # compiled, not interpreted
         check(got, ref, 1e-4 if dtype == torch.float32 else 2e-2)
         check_masks(got)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run by gpu_check.sh)")
+@pytest.mark.parametrize("case", ["dspark-none", "dspark-lowrank", "soft"])
+def test_cuda_triton_softcap_matches_naive(case):
+    """The compiled kernel's soft-cap branch matches the fp32 reference, values and gradients."""
+    got, ref = run_softcap(case, device="cuda")
+    assert type(kernels._TRITON[("loss", False)]).__name__ == "JITFunction"
+    check(got, ref, 1e-4)
+    check_masks(got)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run by gpu_check.sh)")
