@@ -47,7 +47,7 @@ import sys
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
+from transformers import AutoModelForCausalLM, Gemma4UnifiedTextConfig, Qwen3Config
 
 import evaluate
 import kernels
@@ -68,17 +68,19 @@ TREE_PROMPTS = ["Write a short story about a robot who learns to paint.", "Expla
 # (tests/test_kernels.py checks them against these) and the baseline `bench.py loss` measures them against.
 
 
-def _naive_logits(h_draft, h_target, W, weights, bias=None):
-    zd = (h_draft @ W.T).float()  # (N, V)
+def _naive_logits(h_draft, h_target, W, weights, bias=None, softcap=None):
+    def cap(z):  # Gemma's final-logit soft cap c tanh(z / c), before the bias
+        return softcap * torch.tanh(z / softcap) if softcap else z
+    zd = cap((h_draft @ W.T).float())  # (N, V)
     if bias is not None:  # low-rank Markov bias A @ Bm.T
         A, Bm = bias
         zd = zd + (A @ Bm.T).float()
     keep = torch.ones(zd.shape[0], dtype=torch.bool, device=zd.device) if weights is None else weights != 0
-    return zd, (h_target @ W.T).float(), keep
+    return zd, cap((h_target @ W.T).float()), keep
 
 
-def naive_dspark_loss(h_draft, h_target, labels, W, bias=None, weights=None, return_argmax=False):
-    zd, zt, keep = _naive_logits(h_draft, h_target, W, weights, bias)
+def naive_dspark_loss(h_draft, h_target, labels, W, bias=None, weights=None, return_argmax=False, softcap=None):
+    zd, zt, keep = _naive_logits(h_draft, h_target, W, weights, bias, softcap)
     logp_d = torch.log_softmax(zd, -1)
     p_d, p_t = logp_d.exp(), torch.softmax(zt, -1)
     ce = -logp_d.gather(1, labels.clamp(min=0)[:, None])[:, 0]
@@ -90,8 +92,8 @@ def naive_dspark_loss(h_draft, h_target, labels, W, bias=None, weights=None, ret
     return ce, l1, c_star, torch.where(keep, zd.argmax(-1), -1), torch.where(keep, zt.argmax(-1), -1)
 
 
-def naive_soft_ce(h_draft, h_target, W, weights=None, return_stats=False):
-    zd, zt, keep = _naive_logits(h_draft, h_target, W, weights)
+def naive_soft_ce(h_draft, h_target, W, weights=None, return_stats=False, softcap=None):
+    zd, zt, keep = _naive_logits(h_draft, h_target, W, weights, softcap=softcap)
     logp_d, p_t = torch.log_softmax(zd, -1), torch.softmax(zt, -1)
     loss = torch.where(keep, -(p_t * logp_d).sum(-1), 0.0)
     if not return_stats:
@@ -320,26 +322,33 @@ QWEN3_4B = dict(num_hidden_layers=36, hidden_size=2560, num_attention_heads=32, 
                 intermediate_size=9728, vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=True,
                 max_window_layers=36, bos_token_id=151643, eos_token_id=151645)  # Qwen/Qwen3-4B's config.json
+GEMMA4_12B = dict(num_hidden_layers=48, hidden_size=3840, intermediate_size=15360, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=1,
+                  attention_k_eq_v=True, vocab_size=262144, sliding_window=1024, final_logit_softcapping=30.0,
+                  rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                  layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 8)  # GEMMA4.md s.1 (text config)
 RECIPE_KEYS = {"dspark": ("block_size", "num_draft_layers", "num_anchors", "markov_rank", "draft_vocab_size"),
                "dflash": ("block_size", "num_draft_layers", "num_anchors", "draft_vocab_size"),
                "eagle3": ("num_draft_layers", "ttt_length", "draft_vocab_size")}  # reported with each row
 
 
-def recipe(drafter, device):
+def recipe(drafter, device, geometry="qwen3_4b"):
     """What train.py would run with: its defaults, then configs/<drafter>_smollm2.py (cpu: the demo's settings)
-    or configs/<drafter>_qwen3_4b.py (cuda: DeepSpec's recipe)."""
-    path = os.path.join(HERE, "configs", f"{drafter}_{'smollm2' if device == 'cpu' else 'qwen3_4b'}.py")
+    or configs/<drafter>_<geometry>.py (cuda: DeepSpec's recipe)."""
+    path = os.path.join(HERE, "configs", f"{drafter}_{'smollm2' if device == 'cpu' else geometry}.py")
     return configure(script_defaults(os.path.join(HERE, "train.py")), [path], verbose=False)
 
 
-def random_qwen3_4b(device, dtype=torch.bfloat16):
-    """A Target of Qwen3-4B's geometry with random weights (no download), built directly on `device`
+def random_target(device, dtype=torch.bfloat16, geometry="qwen3_4b"):
+    """A Target of Qwen3-4B's or Gemma-4-12B's geometry with random weights (no download), built directly on `device`
     ("meta": shapes only, no memory). As target.py's tiny targets: HF config -> from_config, byte tokenizer."""
+    gemma = geometry == "gemma4_12b"
+    config = Gemma4UnifiedTextConfig(**GEMMA4_12B) if gemma else Qwen3Config(**QWEN3_4B)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(Qwen3Config(**QWEN3_4B), dtype=dtype)
-    c = recipe("dspark", "cuda")
-    return Target(model, tiny_tokenizer(), "random Qwen3-4B", layer_ids=c["target_layer_ids"],
-                  mask_token_id=c["mask_token_id"])
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    c = recipe("dspark", "cuda", geometry)
+    return Target(model, tiny_tokenizer("gemma4" if gemma else "qwen3"), f"random {geometry}",
+                  layer_ids=c["target_layer_ids"], mask_token_id=c["mask_token_id"])
 
 
 def build_drafter(name, target, c, device):
@@ -386,7 +395,7 @@ def bench_train(args):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     dtype = args.dtype or recipe("dspark", dev)["dtype"]  # the recipe's: cpu float32, cuda bfloat16 autocast
     if cuda and not args.target:  # the GPU geometry; the target itself only exists for --online
-        target = random_qwen3_4b(dev if args.online else "meta", DTYPES[dtype])
+        target = random_target(dev if args.online else "meta", DTYPES[dtype], args.geometry)
     else:
         try:
             target = load_target(args.target or "smollm2", dtype=dtype, device=dev)
@@ -403,7 +412,7 @@ def bench_train(args):
           f"{'peak MB':>8s} {'base MB':>8s} | {'target s':>8s} {'online s':>8s} | loss")
     rows = []
     for name in args.drafters:
-        c = recipe(name, dev)
+        c = recipe(name, dev, args.geometry)
         B, T = args.batch or c["micro_batch_size"], args.seq_len or c["max_len"]
         batch = synthetic_batch(target, B, T, dev)
         torch.manual_seed(0)  # the same drafter init on every run
@@ -599,6 +608,7 @@ def main(argv=None):
             s.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step (median)")
             s.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the recipe's")
             s.add_argument("--online", action="store_true", help="also build the target and time its feature forward")
+            s.add_argument("--geometry", choices=["qwen3_4b", "gemma4_12b"], default="qwen3_4b", help="cuda target")
             s.add_argument("--target", default="", help=argparse.SUPPRESS)  # tests: tiny-qwen3
         if name == "decode":
             s.add_argument("--target", default="", help="'' = the target in the drafter's config.json")

@@ -19,7 +19,7 @@ lm_head.weight[d2t]; draft distributions are scattered back to the full vocabula
 
 The layer building blocks (RMSNorm, RoPE, Attention, MLP, init) and DraftModel, what every drafter shares
 (construction from a target, the frozen embedding and head, the reduced vocabulary, checkpoint files), live
-here too: model_dspark.py and model_eagle3.py import them.
+here too: model_dspark.py and model_eagle3.py import them, and model_gemma4.py swaps in Gemma-4's layer.
 """
 import json
 import math
@@ -53,6 +53,7 @@ def rope_cos_sin(config, pos, dim):
     """RoPE tables for positions pos [N] -> cos, sin [N, dim] fp32 (HF rotate-half layout); reads
     `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling` (older configs, DeepSpec's)."""
     rp = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rp = rp.get("full_attention", rp)  # per-layer-type parameters (Gemma-4): drafter layers are full attention
     theta = rp.get("rope_theta", config.get("rope_theta", 10000.0))
     kind = rp.get("rope_type", rp.get("type", "default"))
     inv = 1.0 / theta ** (torch.arange(0, dim, 2, device=pos.device).float() / dim)  # [dim/2]
@@ -62,8 +63,10 @@ def rope_cos_sin(config, pos, dim):
         lo, hi, old = rp["low_freq_factor"], rp["high_freq_factor"], rp["original_max_position_embeddings"]
         smooth = ((old * inv / (2 * math.pi) - lo) / (hi - lo)).clamp(0, 1)
         inv = (1 - smooth) * inv / rp["factor"] + smooth * inv
+    elif kind == "proportional":  # Gemma-4: the first factor*dim/2 pairs rotate, at theta^(-2j/dim); the rest do not
+        inv[int(rp.get("partial_rotary_factor", 1.0) * dim // 2):] = 0
     elif kind != "default":
-        raise NotImplementedError(f"rope_type {kind!r} is not supported (default, linear, llama3 are)")
+        raise NotImplementedError(f"rope_type {kind!r} is not supported (default, linear, llama3, proportional are)")
     ang = pos.float()[:, None] * inv  # [N, dim/2]
     ang = torch.cat([ang, ang], -1)  # [N, dim]
     return ang.cos(), ang.sin()
@@ -87,11 +90,18 @@ class RMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def check_supported(c):
-    """Only Qwen3/Llama-style targets (flat config, SiLU MLP) have drafters here."""
-    if "text_config" in c or c.get("hidden_act", "silu") != "silu" or str(c.get("model_type", "")).startswith("gemma"):
-        raise NotImplementedError("only Qwen3/Llama-style targets (SiLU MLP, flat config) are supported; "
-                                  "Gemma drafters (REFERENCE.md s.5) are not implemented")
+def family(c):
+    """Which layer family a drafter or target config (flat) belongs to: "gemma4" or "qwen3" (Qwen3/Llama style)."""
+    arch = (c.get("architectures") or [""])[0] or ""
+    return "gemma4" if arch.startswith("Gemma4") or str(c.get("model_type", "")).startswith("gemma4") else "qwen3"
+
+
+def check_supported(c, want="qwen3"):
+    """A drafter class builds only its own family's layers; target.drafter_class(config) picks the class."""
+    if family(c) != want:
+        raise ValueError(f"a {family(c)} config given to a {want} drafter class: load it with target.drafter_class")
+    if want == "qwen3" and ("text_config" in c or c.get("hidden_act", "silu") != "silu" or "gemma" in c.get("model_type", "")):
+        raise NotImplementedError("only Qwen3/Llama-style (SiLU MLP, flat config) and Gemma-4 targets are supported")
 
 
 class Attention(nn.Module):
@@ -108,6 +118,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(nh * hd, H, bias=False)
         self.q_norm = RMSNorm(hd, eps)
         self.k_norm = RMSNorm(hd, eps)
+        self.scale = None  # scores q.k * scale; None = hd^-0.5 (Gemma-4: 1.0)
 
     def q(self, x, cos, sin):
         """x [..., N, in_dim] -> rotated queries [..., N, nh, hd]."""
@@ -125,7 +136,7 @@ class Attention(nn.Module):
         k, v = torch.cat([kc, k]), torch.cat([vc, v])  # [S+Q, nkv, hd]: K_i = [W_K H_ctx ; W_K H_d]
         g = self.nh // self.nkv  # GQA: query head j reads kv head j // g; repeating keeps SDPA's fused kernels
         k, v = k.transpose(0, 1).repeat_interleave(g, 0), v.transpose(0, 1).repeat_interleave(g, 0)
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask)  # [nh, Q, hd]
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=self.scale)  # [nh, Q, hd]
         return self.o_proj(o.transpose(0, 1).reshape(len(x), -1))
 
 
@@ -164,6 +175,25 @@ class DraftModel(nn.Module):
     and decodes (start, propose, next_probs, commit) as DESIGN.md says.
     """
     has_confidence = False  # DSpark with a confidence head: propose also returns c_k (scheduler.py uses it)
+    family, Norm = "qwen3", RMSNorm  # the layer family; model_gemma4.py swaps in Gemma-4's building blocks
+
+    @staticmethod
+    def geometry(c):
+        """(heads, kv heads, head dim) of the drafter's attention: the target's."""
+        return c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"], \
+            c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+
+    def embed(self, ids):
+        """Token embeddings (frozen target rows; Gemma-4 scales them)."""
+        return self.embed_tokens(ids)
+
+    @property
+    def softcap(self):  # the target's final-logit soft-capping c (Gemma-4: 30), None without
+        return self.config.get("final_logit_softcapping")
+
+    def cap(self, z):
+        """Base draft logits as the target's: c * tanh(z / c) with soft-capping, else z unchanged."""
+        return self.softcap * torch.tanh(z / self.softcap) if self.softcap else z
 
     @classmethod
     def from_target(cls, target, **cfg):
@@ -174,7 +204,7 @@ class DraftModel(nn.Module):
             raise TypeError(f"{cls.__name__}.from_target: unknown config keys {unknown}; valid: {sorted(CFG_KEYS)}")
         cfg = {k: v for k, v in cfg.items() if v is not None}
         is_target = hasattr(target, "lm_head_weight")
-        hf = target.config if is_target else target
+        hf = target.config if is_target else getattr(target, "text_config", None) or target  # Gemma nests it
         base = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
         ids = cfg.get("target_layer_ids") or getattr(target, "layer_ids", None) or \
             default_layer_ids(base["num_hidden_layers"])
@@ -255,25 +285,24 @@ class DraftModel(nn.Module):
 
 class DFlash(DraftModel):
     kind = "dflash"
+    architectures = ("Qwen3DSparkModel",)  # DeepSpec's name for DSpark and DFlash alike
     normalize_over_ranks = True  # train.py divides each micro-step's loss by its weight summed over ranks (DeepSpec)
 
     def __init__(self, config):
         """config: the dict of config.json (target fields + drafter fields), see draft_config."""
         super().__init__()
         c = self.config = dict(config)
-        check_supported(c)
-        H, V, nh = c["hidden_size"], c["vocab_size"], c["num_attention_heads"]
-        nkv = c.get("num_key_value_heads") or nh
-        self.hd = c.get("head_dim") or H // nh
-        eps = c.get("rms_norm_eps", 1e-6)
+        check_supported(c, self.family)
+        H, V, eps = c["hidden_size"], c["vocab_size"], c.get("rms_norm_eps", 1e-6)
+        nh, nkv, self.hd = self.geometry(c)
         self.block_size, self.mask_token_id = c["block_size"], c["mask_token_id"]
         self.num_anchors, self.gamma = c.get("num_anchors", 512), c.get("loss_decay_gamma", 4.0)
         self.embed_tokens = nn.Embedding(V, H)  # frozen target embedding
         self.fc = nn.Linear(len(c["target_layer_ids"]) * H, H, bias=False)  # W_c of eq. (2)
-        self.hidden_norm = RMSNorm(H, eps)
-        self.layers = nn.ModuleList(DecoderLayer(H, nh, nkv, self.hd, c["intermediate_size"], eps)
+        self.hidden_norm = self.Norm(H, eps)
+        self.layers = nn.ModuleList(self.make_layer(H, nh, nkv, self.hd, c["intermediate_size"], eps)
                                     for _ in range(c["num_hidden_layers"]))
-        self.norm = RMSNorm(H, eps)
+        self.norm = self.Norm(H, eps)
         self.lm_head = nn.Linear(H, V, bias=False)  # frozen target head
         vd = c.get("draft_vocab_size") or 0
         self.register_buffer("d2t", torch.arange(vd) if vd else None)  # placeholder until set_draft_vocab
@@ -285,6 +314,9 @@ class DFlash(DraftModel):
     def proposal_length(self):  # drafts proposed per round by default: one block
         return self.block_size
 
+    def make_layer(self, *geometry):
+        return DecoderLayer(*geometry)
+
     @staticmethod
     def head_config(cfg):  # config fields of the sequential/confidence heads: DFlash has neither
         return {"markov_rank": 0, "enable_confidence_head": False}
@@ -294,7 +326,7 @@ class DFlash(DraftModel):
         """config.json of a new drafter: the target's config `base` plus DeepSpec's DSpark/DFlash fields."""
         n = cfg.get("num_draft_layers", 5)
         mask_id = cfg.get("mask_token_id", getattr(target, "mask_token_id", None))
-        return {**base, "architectures": ["Qwen3DSparkModel"], "num_hidden_layers": n,
+        return {**base, "architectures": [cls.architectures[0]], "num_hidden_layers": n,
                 "num_target_layers": base["num_hidden_layers"], "block_size": cfg.get("block_size", 7),
                 "target_layer_ids": cfg["target_layer_ids"],
                 # a target without a reserved mask token: the last id, recorded in the config
@@ -322,7 +354,7 @@ class DFlash(DraftModel):
 
     def backbone(self, ids, pos, ctx, mask=None):
         """Block tokens ids [Q] at positions pos [Q] against context ctx (context_kv) -> h [Q, H] (final norm)."""
-        x = self.embed_tokens(ids)
+        x = self.embed(ids)
         cos, sin = rope_cos_sin(self.config, pos, self.hd)
         for layer, (kc, vc) in zip(self.layers, ctx):
             x = layer(x, cos, sin, kc, vc, mask)
@@ -408,7 +440,7 @@ class DFlash(DraftModel):
         y = self.draft_labels(labels.flatten())
         # fused: no [N, V] tensor; rows of weight 0 are skipped (values 0, argmax -1)
         ce, l1, c_star, am = kernels.fused_dspark_loss(hd, ht, y, self.head_weight(), weights=(w > 0).to(hd.dtype),
-                                                       return_argmax=True)[:4]
+                                                       return_argmax=True, softcap=self.softcap)[:4]
         return (w * ce).sum(), self.metrics(w, ce, l1, c_star, am == y)
 
     def per_slot(self, x, w):
@@ -459,7 +491,7 @@ class DFlash(DraftModel):
             state["memo"] = {key: (h, h[:0] @ state["head"].T)}  # only the latest block is kept
         h, U = state["memo"][key]
         if len(U) < slots:
-            U = h[:slots] @ state["head"].T
+            U = self.cap(h[:slots] @ state["head"].T)
             state["memo"][key] = (h, U)
         return h, U
 

@@ -4,7 +4,7 @@ Only the delta over model_dflash.DFlash lives here. The parallel backbone gives 
 base logits U_k for a whole block in one forward; the sequential head adds a small bias that depends
 on the tokens drafted before slot k, eq. (4):
 
-    p_k(v | x_0, x_<k) = softmax(U_k + B_k)(v)
+    p_k(v | x_0, x_<k) = softmax(U_k + B_k)(v)       (Gemma-4: U_k soft-capped, the bias added after the cap)
     vanilla Markov head, eq. (5):  B_k = W2 W1[x_{k-1}]               (x_{-1} = the anchor)
     gated head (DeepSpec):         B_k = W2 (W1[x_{k-1}] * sigmoid(gate_proj([h_k ; W1[x_{k-1}]])))
     RNN head, eq. (6):             z_k = [s_{k-1} ; W1[x_{k-1}] ; h_k],  g, c, o = joint_proj(z_k)
@@ -113,7 +113,7 @@ class DSpark(DFlash):
         bias = None
         if self.markov_head is not None:  # low-rank pair: A [N, r] @ W2^T [r, Vd], never built for all V
             bias = (self.markov_factor(prev, h).flatten(0, 1).to(h.dtype), self.markov_head.markov_w2.weight)
-        ce, l1, c_star, am = kernels.fused_dspark_loss(hd, ht, y, self.head_weight(), bias=bias,
+        ce, l1, c_star, am = kernels.fused_dspark_loss(hd, ht, y, self.head_weight(), bias=bias, softcap=self.softcap,
                                                        weights=(wf > 0).to(hd.dtype), return_argmax=True)[:4]
         loss = (wf * (CE_ALPHA * ce + L1_ALPHA * l1)).sum()
         extra = {}

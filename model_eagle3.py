@@ -40,8 +40,6 @@ import torch.nn.functional as F
 import kernels
 from model_dflash import MLP, Attention, DraftModel, RMSNorm, check_supported, init_weights, rope_cos_sin
 
-ARCHITECTURES = ("Qwen3Eagle3Model", "Eagle3DraftModel")  # ours first; DeepSpec accepts the alias too
-
 
 def shift(x, n):
     """x [B,T,...] -> x[:, t+n] at position t, zeros past the end (teacher-forced look-ahead)."""
@@ -56,20 +54,21 @@ def supervised(loss_mask, lengths, k):
     return shift(loss_mask, k).bool() & shift(real, k + 1)
 
 
-def ttt_attention(q, ks, vs):
+def ttt_attention(q, ks, vs, scale=None):
     """TTT attention at step k = len(ks) - 1 (REFERENCE s.4).
 
     q [B,nh,T,hd]; ks, vs: per-step keys/values [B,nkv,T,hd], step 0 first. Query t sees the step-0
     keys s <= t (causal) and key t of each step 1..k (its own diagonal). The "diagonal trick": the
-    scores are T x (T+k), the extra memory per step is linear in T (no (k+1)T-wide mask).
+    scores are T x (T+k), the extra memory per step is linear in T (no (k+1)T-wide mask). scale: None = hd^-0.5.
     """
     T, hd = q.shape[2], q.shape[3]
+    scale = hd ** -0.5 if scale is None else scale
     g = q.shape[1] // ks[0].shape[1]  # GQA: query heads per kv head
     ks = [k.repeat_interleave(g, 1) for k in ks]
     vs = [v.repeat_interleave(g, 1) for v in vs]
-    s0 = q @ ks[0].transpose(-1, -2) * hd ** -0.5  # [B,nh,T,T] step-0 scores
+    s0 = q @ ks[0].transpose(-1, -2) * scale  # [B,nh,T,T] step-0 scores
     s0 = s0.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-    sd = [(q * k).sum(-1, keepdim=True) * hd ** -0.5 for k in ks[1:]]  # k x [B,nh,T,1] diagonal scores
+    sd = [(q * k).sum(-1, keepdim=True) * scale for k in ks[1:]]  # k x [B,nh,T,1] diagonal scores
     p = torch.cat([s0, *sd], -1).float().softmax(-1).to(q.dtype)  # one softmax over T + k keys
     out = p[..., :T] @ vs[0]  # [B,nh,T,hd]
     for j, v in enumerate(vs[1:]):
@@ -103,23 +102,22 @@ class Layer(nn.Module):
 
 class Eagle3(DraftModel):
     kind = "eagle3"
+    architectures = ("Qwen3Eagle3Model", "Eagle3DraftModel")  # ours first; DeepSpec accepts the alias too
     normalize_over_ranks = False  # train.py divides the loss by metrics["weight"] = B*T of this rank's micro-batch
 
     def __init__(self, config):
         """config: the dict of config.json (target fields + Eagle3 fields), see draft_config."""
         super().__init__()
         c = self.config = dict(config)
-        check_supported(c)
-        H, V, nh = c["hidden_size"], c["vocab_size"], c["num_attention_heads"]
-        nkv = c.get("num_key_value_heads") or nh
-        self.hd = c.get("head_dim") or H // nh
-        eps = c.get("rms_norm_eps", 1e-6)
+        check_supported(c, self.family)
+        H, V, eps = c["hidden_size"], c["vocab_size"], c.get("rms_norm_eps", 1e-6)
+        nh, nkv, self.hd = self.geometry(c)
         self.ttt_length, self.step_loss_decay = int(c["ttt_length"]), float(c["step_loss_decay"])
         n = int(c.get("draft_num_hidden_layers") or c.get("num_hidden_layers") or 1)
         self.embed_tokens = nn.Embedding(V, H)  # frozen target embedding
         self.fc = nn.Linear(len(c["target_layer_ids"]) * H, H, bias=False)  # n*H tapped features -> H
-        self.layers = nn.ModuleList(Layer(H, nh, nkv, self.hd, c["intermediate_size"], eps) for _ in range(n))
-        self.norm = RMSNorm(H, eps)
+        self.layers = nn.ModuleList(self.make_layer(H, nh, nkv, self.hd, c["intermediate_size"], eps) for _ in range(n))
+        self.norm = self.Norm(H, eps)
         self.lm_head = nn.Linear(H, V, bias=False)  # frozen target head
         vd = c.get("draft_vocab_size") or 0  # 0 = full vocabulary (DeepSpec)
         self.register_buffer("d2t", torch.arange(vd) if vd else None)  # placeholder until set_draft_vocab
@@ -131,13 +129,16 @@ class Eagle3(DraftModel):
     def proposal_length(self):  # drafts proposed per round by default: one TTT unroll
         return self.ttt_length
 
+    def make_layer(self, *geometry):
+        return Layer(*geometry)
+
     @classmethod
     def draft_config(cls, target, base, cfg):
         """config.json of a new drafter: the target's config `base` plus DeepSpec's Eagle3 fields."""
         c = {k: v for k, v in base.items() if k not in ("architectures", "auto_map", "_name_or_path")}
         n = int(cfg.get("num_draft_layers", 1))
         name = cfg.get("target_name") or getattr(target, "name", base.get("_name_or_path", ""))
-        c.update(architectures=[ARCHITECTURES[0]], num_hidden_layers=n, draft_num_hidden_layers=n,
+        c.update(architectures=[cls.architectures[0]], num_hidden_layers=n, draft_num_hidden_layers=n,
                  num_target_layers=base["num_hidden_layers"], target_layer_ids=cfg["target_layer_ids"],
                  ttt_length=int(cfg.get("ttt_length", 7)), step_loss_decay=float(cfg.get("step_loss_decay", 0.8)),
                  draft_vocab_size=int(cfg.get("draft_vocab_size", 0)), target_model_name_or_path=name,
@@ -148,9 +149,9 @@ class Eagle3(DraftModel):
 
     @classmethod
     def check_checkpoint(cls, config, path):
-        if (config.get("architectures") or [None])[0] not in ARCHITECTURES:
+        if (config.get("architectures") or [None])[0] not in cls.architectures:
             raise ValueError(f"{path}: architectures {config.get('architectures')} is not an Eagle3 checkpoint "
-                             f"(expected one of {list(ARCHITECTURES)}); load it with its own drafter class")
+                             f"of {cls.__name__} (expected one of {list(cls.architectures)}); load it with its own class")
 
     def set_draft_vocab(self, token_ids):
         """As DFlash, in increasing order (EAGLE-3's own files store d2t as offsets id - i)."""
@@ -158,7 +159,7 @@ class Eagle3(DraftModel):
 
     def draft_logits(self, h):
         """Layer outputs h [N, H] (before the final norm) -> draft logits [N, Vd] fp32."""
-        return F.linear(self.norm(h), self.head_weight()).float()
+        return self.cap(F.linear(self.norm(h), self.head_weight()).float())
 
     # --- training: the TTT unroll and its loss ----------------------------------
 
@@ -168,7 +169,7 @@ class Eagle3(DraftModel):
         Entry k at position t is the drafter's output for token x_{t+k+2} (module docstring)."""
         T = input_ids.shape[1]
         h = self.fc(taps.to(self.fc.weight.dtype))  # [B,T,H] step-0 feature h_t
-        e = self.embed_tokens(input_ids)  # [B,T,H]
+        e = self.embed(input_ids)  # [B,T,H]
         pos = torch.arange(T, device=input_ids.device)
         ks, vs = [[] for _ in self.layers], [[] for _ in self.layers]  # per layer: the keys/values of each step so far
         outs = []
@@ -180,7 +181,7 @@ class Eagle3(DraftModel):
                 q, key, value = layer.qkv(ek, h, cos, sin)
                 ks[i].append(key)  # this step's keys join the diagonal
                 vs[i].append(value)
-                h = layer.out(h, ttt_attention(q, ks[i], vs[i]))  # the output feeds the next layer / next step
+                h = layer.out(h, ttt_attention(q, ks[i], vs[i], layer.self_attn.scale))  # the output feeds the next layer / next step
             outs.append(h)
         return outs
 
@@ -199,7 +200,7 @@ class Eagle3(DraftModel):
             hd = self.norm(h[sup])  # [N,H] supervised draft rows only
             ht = shift(last_hidden, k + 1)[sup]  # [N,H] target state last_hidden[t+k+1]
             # soft CE -sum_v p_t log p_d [N], chunked over the vocabulary: no [N,V] tensor is kept
-            ce, l1, am_d, am_t = kernels.fused_soft_ce(hd, ht, W, return_stats=True)
+            ce, l1, am_d, am_t = kernels.fused_soft_ce(hd, ht, W, return_stats=True, softcap=self.softcap)
             w = self.step_loss_decay ** k  # paper/DeepSpec step weight 0.8^k
             loss = loss + w * ce.sum()
             ce_sum += w * ce.detach().sum()
@@ -215,7 +216,7 @@ class Eagle3(DraftModel):
         """New pairs (ids [N], features h [N,H]) at positions pos [N] over cached per-layer (K, V)
         [1,nkv,S,hd]; mask [N, S+N] bool (True = visible) or None (all visible).
         -> (output hidden [N,H], the new per-layer (K, V) [1,nkv,N,hd])."""
-        e, h = self.embed_tokens(ids)[None], h[None]  # batch of 1: [1,N,H]
+        e, h = self.embed(ids)[None], h[None]  # batch of 1: [1,N,H]
         cos, sin = rope_cos_sin(self.config, pos, self.hd)
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         new = []
@@ -223,7 +224,7 @@ class Eagle3(DraftModel):
             q, k, v = layer.qkv(e, h, cos, sin)
             new.append((k, v))
             o = F.scaled_dot_product_attention(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=mask,
-                                               enable_gqa=True)
+                                               scale=layer.self_attn.scale, enable_gqa=True)
             h = layer.out(h, o)
         return h[0], new
 

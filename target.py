@@ -76,12 +76,25 @@ QWEN3_STYLE_TEMPLATE = (
     "{%- endif -%}")
 
 
-def tiny_tokenizer():
-    """A 262-token byte-level tokenizer (256 bytes + 6 specials) with the Qwen3-style template."""
+# Gemma-4's rendering (GEMMA4.md s.6): <bos>, turns <|turn>role\n..<turn|>\n, the generation prompt ends with the
+# empty thought channel; past model turns are rendered without it
+GEMMA4_STYLE_TEMPLATE = (
+    "{{ bos_token }}{%- for m in messages -%}"
+    "{{ '<|turn>' + ('model' if m.role == 'assistant' else m.role) + '\n' + m.content + '<turn|>\n' }}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|turn>model\n<|channel>thought\n<channel|>' }}{%- endif -%}")
+
+
+def tiny_tokenizer(family="qwen3"):
+    """A byte-level tokenizer (256 bytes + specials) with the Qwen3-style (262 tokens) or Gemma-4-style template."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
+    if family == "gemma4":
+        tk.add_special_tokens(["<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<mask>"])
+        tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<turn|>", pad_token="<pad>", bos_token="<bos>")
+        tok.chat_template = GEMMA4_STYLE_TEMPLATE
+        return tok
     tk.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|mask|>"])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.chat_template = QWEN3_STYLE_TEMPLATE
@@ -89,16 +102,23 @@ def tiny_tokenizer():
 
 
 def tiny_config(name, vocab_size):
-    """Geometry of the tiny aliases: 6 layers, width 64, 4 query / 2 kv heads of dim 16."""
+    """Geometry of the tiny aliases: 6 layers, width 64, 4 query / 2 kv heads of dim 16. tiny-gemma4 as Gemma-4-12B:
+    sliding layers (window 16) and full-attention layers 2 and 5 with K = V, one kv head of dim 32, proportional
+    RoPE, soft-capped logits and a tied head."""
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=258, pad_token_id=256)
+    if name == "tiny-gemma4":
+        return transformers.Gemma4UnifiedTextConfig(
+            **{**common, "tie_word_embeddings": True, "bos_token_id": 258, "eos_token_id": 260, "pad_token_id": 256},
+            global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True, final_logit_softcapping=30.0,
+            sliding_window=16, layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2)
     if name == "tiny-qwen3":
         return transformers.Qwen3Config(**common)
     return transformers.LlamaConfig(**common)
 
 
-TINY_TARGETS = ("tiny-qwen3", "tiny-llama")
+TINY_TARGETS = ("tiny-qwen3", "tiny-llama", "tiny-gemma4")
 TINY_LAYER_IDS = [0, 1, 2, 3, 4]
 
 
@@ -366,12 +386,14 @@ def load_target(name, dtype="float32", device="cpu", layer_ids=None, mask_token_
     """Load a frozen target by alias, local path or hub id (downloaded: untested here, no network in CI)."""
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if name in TINY_TARGETS:
-        tok = tiny_tokenizer()
+        gemma = name == "tiny-gemma4"
+        tok = tiny_tokenizer("gemma4" if gemma else "qwen3")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(tiny_config(name, len(tok)), dtype=torch.float32)
         layer_ids = TINY_LAYER_IDS if layer_ids is None else layer_ids
-        mask_token_id = tok.convert_tokens_to_ids("<|mask|>") if mask_token_id is None else mask_token_id
+        mask_token_id = tok.convert_tokens_to_ids("<mask>" if gemma else "<|mask|>") if mask_token_id is None \
+            else mask_token_id
     else:
         if name == "smollm2":
             path = smollm2_folder()
@@ -398,9 +420,9 @@ def load_target(name, dtype="float32", device="cpu", layer_ids=None, mask_token_
 def check_geometry(target, geometry):
     """The loaded target must be the one a config was written for: geometry {layers, hidden, heads, kv_heads,
     head_dim, vocab} (None = unchecked) against its config, else one line naming every mismatch."""
-    c = target.config
-    have = dict(layers=c.num_hidden_layers, hidden=c.hidden_size, heads=c.num_attention_heads,
-                kv_heads=c.num_key_value_heads, head_dim=getattr(c, "head_dim", None), vocab=c.vocab_size)
+    c = target.config.to_dict()  # a dict: Gemma-4's config refuses attribute access to per-layer fields
+    have = dict(layers=c["num_hidden_layers"], hidden=c["hidden_size"], heads=c["num_attention_heads"],
+                kv_heads=c.get("num_key_value_heads"), head_dim=c.get("head_dim"), vocab=c["vocab_size"])
     bad = {k: (v, have.get(k)) for k, v in (geometry or {}).items() if have.get(k) != v}
     if bad:
         raise SystemExit(f"target {target.name} does not match the config's target_geometry: "
@@ -410,9 +432,12 @@ def check_geometry(target, geometry):
 # -----------------------------------------------------------------------------
 # a drafter checkpoint and its target
 
-def drafter_classes():
-    """{kind: class} of the three drafters."""
-    from model_dflash import DFlash  # here, not at the top: the model files import target.py
+def drafter_classes(family="qwen3"):
+    """{kind: class} of the three drafters of a layer family ("qwen3": Qwen3/Llama style, or "gemma4")."""
+    if family == "gemma4":  # imported here, not at the top: the model files import target.py
+        from model_gemma4 import Gemma4DFlash, Gemma4DSpark, Gemma4Eagle3
+        return {"dspark": Gemma4DSpark, "dflash": Gemma4DFlash, "eagle3": Gemma4Eagle3}
+    from model_dflash import DFlash
     from model_dspark import DSpark
     from model_eagle3 import Eagle3
     return {"dspark": DSpark, "dflash": DFlash, "eagle3": Eagle3}
@@ -421,13 +446,16 @@ def drafter_classes():
 def new_drafter(kind, target, config):
     """A fresh drafter of `kind` for `target` (a Target, or its bare HF config: random frozen weights) from a train
     config: every drafter takes the keys of model_dflash.CFG_KEYS and ignores those it does not use."""
-    from model_dflash import CFG_KEYS
-    return drafter_classes()[kind].from_target(target, **{k: config[k] for k in CFG_KEYS if k in config})
+    from model_dflash import CFG_KEYS, family
+    hf = getattr(target, "config", target)
+    fam = family({"model_type": getattr(getattr(hf, "text_config", None) or hf, "model_type", "")})
+    return drafter_classes(fam)[kind].from_target(target, **{k: config[k] for k in CFG_KEYS if k in config})
 
 
 def drafter_class(config):
-    """DeepSpec's architectures field -> our class (DSpark and DFlash share Qwen3DSparkModel)."""
-    arch, classes = (config.get("architectures") or ["?"])[0], drafter_classes()
+    """DeepSpec's architectures field -> our class (DSpark and DFlash share <family>DSparkModel)."""
+    from model_dflash import family
+    arch, classes = (config.get("architectures") or ["?"])[0], drafter_classes(family(config))
     if arch in ("Qwen3DSparkModel", "Gemma4DSparkModel"):
         dspark = config.get("markov_rank", 0) > 0 or config.get("enable_confidence_head")
         return classes["dspark" if dspark else "dflash"]

@@ -2,14 +2,14 @@
 #   python build_cache.py configs/eagle3_gemma4_12b.py                 # answers (+ features for offline mode)
 #   torchrun --nproc_per_node=8 train.py configs/eagle3_gemma4_12b.py
 #   python evaluate.py configs/eagle3_gemma4_12b.py --checkpoint=out/eagle3_gemma4_12b/step_latest --task=all
-# Not trainable yet: the Gemma-4 drafters (extra norms, K=V attention, soft-capping: GEMMA4.md) are to come.
 # Unset, as train.py's defaults are DeepSpec's (REFERENCE.md s.7): TTT 7 steps, step loss decay 0.8; AdamW 6e-4, 512
 # sequences per step, 10 epochs, max_len 4096. data_mode stays "online" (the target runs inside train.py; "offline"
 # reads build_cache.py's features).
-# the target (GEMMA4.md s.1): published text geometry (heads vary per layer type), checked at load;
-# DeepSpec's taps (not the Qwen formula) and mask token
+# the target (GEMMA4.md s.1): published text geometry, checked at load (kv heads and head dim differ between sliding
+# and global layers; the drafter takes the global ones, model_gemma4.py); DeepSpec's taps (not the Qwen formula) and
+# mask token
 target = "google/gemma-4-12B-it"
-target_geometry = {"layers": 48, "hidden": 3840}
+target_geometry = {"layers": 48, "hidden": 3840, "heads": 16, "vocab": 262144}
 target_layer_ids = [5, 17, 29, 41, 46]
 mask_token_id = 4
 drafter = "eagle3"                   # train.py's default is dspark
