@@ -8,11 +8,11 @@
     torchrun --nproc_per_node=8 build_cache.py configs/dspark_qwen3_4b.py --stage=features
 
 Stage "answers": the target regenerates every assistant turn (user turns kept) into cache_dir/answers.jsonl, in input
-order, appended as rows finish (a killed run resumes), seeded per (seed, sample, turn) so batching, ranks and restarts
-never change an answer. Stage "features": one batch-1 target forward per answer; shards rank{r}_shard{k}.bin
-(+ .idx.npy) and manifest.json hold the ids, the loss mask (bits), taps [T, n*H] and last_hidden where hidden_mask = 1,
-in bf16 (DeepSpec's precision, the default) or fp8 e4m3 with an fp32 scale per (token, layer) (half the bytes, a
-measured cost in tau: README): bytes_per_token() vs DeepSpec's 6 + 12H.
+order, appended as rows finish (a killed run resumes on any number of ranks, keeping every finished answer), seeded
+per (seed, sample, turn) so batching, ranks and restarts never change an answer. Stage "features": one batch-1 target
+forward per answer; shards rank{r}_shard{k}.bin (+ .idx.npy) and manifest.json hold the ids, the loss mask (bits),
+taps [T, n*H] and last_hidden where hidden_mask = 1, in bf16 (DeepSpec's precision, the default) or fp8 e4m3 with an
+fp32 scale per (token, layer) (half the bytes, a measured cost in tau: README): bytes_per_token() vs DeepSpec's 6 + 12H.
 """
 import glob
 import hashlib
@@ -591,14 +591,21 @@ if __name__ == "__main__":
         if rank == 0:
             _atomic_write(spath, json.dumps(gen_settings).encode())
         part_path = lambda r: answers_path if world == 1 else f"{answers_path[:-6]}.rank{r}-of-{world}.jsonl"
+        parts = glob.glob(f"{answers_path[:-6]}.rank*-of-*.jsonl")  # a killed run's, of this world size or another
+        if world > 1 or parts:  # a rank starts from every answer of its samples already made: none is made twice
+            mine = {r["sample_id"]: r for f in parts + [answers_path] for r in read_answers(f)
+                    if r["sample_id"] % world == rank}  # answers.jsonl's rows, if several, over a part's
+            _atomic_write(part_path(rank), "".join(json.dumps(mine[i], ensure_ascii=False) + "\n"
+                                                   for i in sorted(mine)).encode())
         generate_answers(tgt, convs[rank::world], range(rank, len(convs), world), part_path(rank), gen_max_new_tokens,
                          gen_temperature, gen_top_p, gen_top_k, gen_batch_size, seed, server_url, server_concurrency,
                          server_timeout, server_retries)
         barrier()
-        if world > 1 and rank == 0:  # merge the rank parts in input order
+        if world > 1 and rank == 0:  # merge the rank parts (which hold answers.jsonl's rows too) in input order
             rows = sorted((r for q in range(world) for r in read_answers(part_path(q))), key=lambda r: r["sample_id"])
             _atomic_write(answers_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
-            [os.remove(part_path(q)) for q in range(world)]
+        if rank == 0:  # then no part is left, of this world size or another: answers.jsonl holds all their rows
+            [os.remove(f) for f in glob.glob(f"{answers_path[:-6]}.rank*-of-*.jsonl")]
         barrier()
 
     # --- stage 2: features ---------------------------------------------------------

@@ -9,13 +9,15 @@ script (SCRIPTS, read with `ast`, never imported) is accepted and ignored where 
 no script declares, a wrong type or a malformed value stops with a message naming the key.
 
 Also the plumbing every script shares: `atomic_path` (how every file nanospec writes is written), checksums
-(`write_checksums` / `verify_checksums`) and `init_distributed` (how every script starts under torchrun).
+(`write_checksums` / `verify_checksums`), `cut_log` (a log resumed from a step) and `init_distributed` (how every
+script starts under torchrun).
 """
 import ast
 import contextlib
 import difflib
 import json
 import os
+import re
 import sys
 import zlib
 
@@ -230,6 +232,19 @@ def verify_checksums(folder, fix, script=""):
         have = file_crc32(file) if os.path.exists(file) else "missing"
         if have != crc:
             raise SystemExit(f"{script}{file} is corrupt (crc32 {have}, recorded {crc} when it was written): {fix}")
+
+
+def cut_log(path, step):
+    """Cut a jsonl log whose rows start with {"step": N (train.py's metrics.jsonl) before its first row past `step`, or
+    a line cut mid-write, in one truncate: what a run killed before its next checkpoint logged, which the run resumed
+    from `step` logs again. -> the number of lines cut (0 when path does not exist)."""
+    with open(path if os.path.exists(path) else os.devnull, "rb") as f:
+        rows = f.readlines()
+    past = [i for i, r in enumerate(rows)
+            if not r.endswith(b"\n") or (m := re.match(rb'{"step": (\d+)', r)) and int(m[1]) > step] + [len(rows)]
+    if past[0] < len(rows):
+        os.truncate(path, sum(map(len, rows[:past[0]])))
+    return len(rows) - past[0]
 
 
 def init_distributed(device=""):

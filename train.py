@@ -37,8 +37,8 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from build_cache import CacheReader, make_record, read_answers, render_sample  # the data path
-from configurator import NON_NEGATIVE, POSITIVE, Range, atomic_path, check_ranges, configure, init_distributed, \
-    verify_checksums, write_checksums
+from configurator import NON_NEGATIVE, POSITIVE, Range, atomic_path, check_ranges, configure, cut_log, \
+    init_distributed, verify_checksums, write_checksums
 from evaluate import measure_tau
 from target import check_geometry, load_target, new_drafter
 
@@ -102,7 +102,7 @@ check_ranges("train", config, {
 
 # --- out_dir: continue the run it holds (resume, from the newest complete checkpoint), never overwrite it -----
 os.makedirs(out_dir, exist_ok=True)
-latest = os.path.join(out_dir, "step_latest")
+latest, metrics_path = os.path.join(out_dir, "step_latest"), os.path.join(out_dir, "metrics.jsonl")
 saved = sorted((int(d[5:]) for d in os.listdir(out_dir) if d[:5] == "step_" and d[5:].isdigit()), reverse=True)
 
 
@@ -111,7 +111,7 @@ def complete(path):
 
 
 ckpt = next((p for p in [latest] + [os.path.join(out_dir, f"step_{s}") for s in saved] if complete(p)), None)
-if not resume and (saved or os.path.lexists(latest) or os.path.exists(os.path.join(out_dir, "metrics.jsonl"))):
+if not resume and (saved or os.path.lexists(latest) or os.path.exists(metrics_path)):
     raise SystemExit(f"train: {out_dir} holds another run (resume=False would overwrite its checkpoints and mix both "
                      f"runs in metrics.jsonl): pass --resume=True to continue it, or another --out_dir")
 if resume and saved and ckpt is None:
@@ -121,6 +121,22 @@ if resume and saved and ckpt is None:
 # --- distributed init: plain torchrun, one process works unchanged ------------------------------
 rank, world, device = init_distributed(device)
 ddp, master = dist.is_initialized(), rank == 0
+if resume and ckpt:  # read and checked before any work: a damaged file or another drafter's run stops in one line
+    fix = f"move {os.path.realpath(ckpt)} away to resume from the checkpoint before it, or pass another --out_dir"
+    verify_checksums(os.path.realpath(ckpt), fix, "train: ")
+    try:  # without checksums.json (older checkpoints) a truncated or garbled file shows here
+        was = json.load(open(os.path.join(ckpt, name := "nanospec_config.json")))
+        state = torch.load(os.path.join(ckpt, name := "train_state.pt"), map_location=device, weights_only=True)
+        weights = load_file(os.path.join(ckpt, name := "model.safetensors"), device=str(device))
+    except Exception as e:
+        raise SystemExit(f"train: {os.path.realpath(ckpt)}/{name} cannot be read ({type(e).__name__}): {fix}") from None
+    diff = [k for k in ["drafter", "target", "target_layer_ids", "num_draft_layers", "draft_vocab_size", "block_size",
+                        "markov_rank", "markov_head_type", "enable_confidence_head"][:{"eagle3": 5, "dflash": 6}.get(
+                            drafter, 9)] if k in was and was[k] != json.loads(json.dumps(config[k]))]  # its shape
+    if diff:
+        raise SystemExit(f"train: {out_dir} holds a {was.get('drafter')} run: " + ", ".join(
+            f"{k}={was[k]!r} (asked: {config[k]!r})" for k in diff) + "; pass another --out_dir for a new run, or " +
+            " ".join(f"--{k}={was[k]}" for k in diff) + " to continue it")
 if global_batch_size % (world * micro_batch_size):
     raise SystemExit(f"train: global_batch_size {global_batch_size} must be a multiple of world size {world} x "
                      f"micro_batch_size {micro_batch_size}: change either")
@@ -216,9 +232,6 @@ if master:
 # --- resume ----------------------------------------------------------------------------------------
 step = 0
 if resume and ckpt:  # step_latest, or the newest complete step_<N> when step_latest is dangling or incomplete
-    verify_checksums(os.path.realpath(ckpt), "move it away to resume from the checkpoint before it", "train: ")
-    state = torch.load(os.path.join(ckpt, "train_state.pt"), map_location=device, weights_only=True)
-    weights = load_file(os.path.join(ckpt, "model.safetensors"), device=str(device))
     model.load_state_dict({**model.state_dict(), **weights})
     optimizer.load_state_dict(state["optimizer"])
     step = state["step"]
@@ -265,7 +278,9 @@ def all_reduce(t):
 
 
 # --- training loop -----------------------------------------------------------------------------------
-log = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
+if master and (dropped := cut_log(metrics_path, step)):  # rows past the resumed step: a run killed before it saved them
+    print(f"train: dropped {dropped} row(s) of {metrics_path} after step {step}: this run logs them again")
+log = open(metrics_path, "a") if master else None
 pbar = tqdm(total=max_steps, initial=step, disable=not master, desc=f"train {drafter}", dynamic_ncols=True)
 t0, tokens = time.time(), 0
 while step < max_steps:

@@ -563,3 +563,33 @@ def test_corrupt_answer_lines_skipped_with_warning_and_regenerated_in_place(chat
     open(os.path.join(d, "answers.jsonl"), "w").write("".join(lines[:1] + ["garbage\n", lines[2], mine] + lines[4:]))
     run_main(monkeypatch, "--stage=answers", f"--cache_dir={d}")
     assert open(os.path.join(d, "answers.jsonl")).read() == "".join(lines[:3] + [mine] + lines[4:])
+
+
+def test_answers_resume_keeps_every_finished_answer_on_any_process_count(cache, tmp_path, monkeypatch):
+    """A resume of the answers stage regenerates none of the answers already made, whatever the process counts:
+    the rows of answers.jsonl and of the rank parts a killed torchrun left (of the same world size or another, a
+    half-written line dropped) go to the rank that owns each sample; the rest is answered as a full run would, and
+    no part is left. Rows marked "mine" must come back as they are. The old code had each of several ranks
+    regenerate its samples answered in answers.jsonl or in another world size's part, and one process ignore parts."""
+    lines = open(str(cache["dir"] / "answers.jsonl")).read().splitlines(keepends=True)
+    mine = lambda i: json.dumps({**json.loads(lines[i]), "finish_reason": "mine"}, ensure_ascii=False) + "\n"  # noqa: E731
+    parts = lambda d: glob.glob(os.path.join(d, "answers.rank*"))  # noqa: E731
+    d = str(tmp_path / "two")
+    os.makedirs(d)
+    open(os.path.join(d, "answers.jsonl"), "w").write(lines[0] + mine(1))  # a one-process run, killed
+    open(os.path.join(d, "answers.rank2-of-3.jsonl"), "w").write(mine(2) + '{"sample_id": 5, "mess')  # 3 ranks, killed
+    open(os.path.join(d, "answers.rank1-of-2.jsonl"), "w").write(mine(3))  # 2 ranks, killed
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2", "build_cache.py"]
+    if not os.path.exists(cmd[0]):
+        pytest.skip("no torchrun")
+    out = subprocess.run(cmd + CLI + [f"--cache_dir={d}", "--stage=answers"], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert open(os.path.join(d, "answers.jsonl")).read() == "".join([lines[0], mine(1), mine(2), mine(3)] + lines[4:])
+    assert not parts(d)
+    d = str(tmp_path / "one")  # one process after a killed torchrun: its parts are kept
+    os.makedirs(d)
+    open(os.path.join(d, "answers.rank0-of-2.jsonl"), "w").write(mine(0) + mine(4))
+    run_main(monkeypatch, "--stage=answers", f"--cache_dir={d}")
+    assert open(os.path.join(d, "answers.jsonl")).read() == "".join([mine(0)] + lines[1:4] + [mine(4), lines[5]])
+    assert not parts(d)

@@ -171,12 +171,12 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
 def test_config_builds_on_meta(path):
     """Each config parses (every key known, right types) and builds its drafter at the recorded target
-    geometry on the meta device (no weights), with the keys train.py passes."""
+    geometry on the meta device (no weights, no download), as train.py does (target.new_drafter); the Gemma-4-12B
+    configs build DeepSpec's Gemma drafters (GEMMA4.md s.3)."""
     import transformers
+    from bench import GEMMA4_12B
     from configurator import configure, script_defaults
-    from model_dflash import DFlash
-    from model_dspark import DSpark
-    from model_eagle3 import Eagle3
+    from target import new_drafter
     cfg = script_defaults(os.path.join(ROOT, "train.py"))
     configure(cfg, [path], verbose=False)
     if cfg["target"].startswith("tiny-") or cfg["target"] == "smollm2":
@@ -184,28 +184,23 @@ def test_config_builds_on_meta(path):
         hf = load_target(cfg["target"]).config if cfg["target"] != "smollm2" else \
             transformers.LlamaConfig(num_hidden_layers=30, hidden_size=576, intermediate_size=1536,
                                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152)
-    elif cfg["target"].startswith("google/gemma"):
-        pytest.skip(f"{os.path.basename(path)}: Gemma 4 drafters (extra norms, per-layer head geometry) are not supported yet")
+    elif cfg["target"].startswith("google/gemma-4"):
+        hf = transformers.Gemma4UnifiedTextConfig(**GEMMA4_12B)
     else:
         g = cfg["target_geometry"]
         hf = transformers.Qwen3Config(num_hidden_layers=g["layers"], hidden_size=g["hidden"], num_attention_heads=g["heads"],
                                       num_key_value_heads=g["kv_heads"], head_dim=g["head_dim"], vocab_size=g["vocab"],
                                       intermediate_size={2560: 9728, 4096: 12288, 5120: 17408}[g["hidden"]])
-    kw = dict(target_layer_ids=cfg["target_layer_ids"] or [1, 8, 14, 21, 27], num_draft_layers=cfg["num_draft_layers"],
-              draft_vocab_size=cfg["draft_vocab_size"])
-    if cfg["drafter"] == "eagle3":
-        Cls = Eagle3
-        kw.update(ttt_length=cfg["ttt_length"], step_loss_decay=cfg["step_loss_decay"])
-    else:
-        Cls = DSpark if cfg["drafter"] == "dspark" else DFlash
-        kw.update(block_size=cfg["block_size"], num_anchors=cfg["num_anchors"], mask_token_id=cfg["mask_token_id"] or 0)
-        if cfg["drafter"] == "dspark":
-            kw.update(markov_rank=cfg["markov_rank"], markov_head_type=cfg["markov_head_type"],
-                      enable_confidence_head=cfg["enable_confidence_head"])
+    if cfg["target_geometry"]:  # the recorded geometry is the one built here
+        assert all(hf.to_dict()[k] == cfg["target_geometry"][g] for g, k in
+                   (("layers", "num_hidden_layers"), ("hidden", "hidden_size"), ("vocab", "vocab_size")))
+    cfg = {**cfg, "target_layer_ids": cfg["target_layer_ids"] or [1, 8, 14, 21, 27],
+           "mask_token_id": cfg["mask_token_id"] or 0}
     with torch.device("meta"):
-        model = Cls.from_target(hf, **kw)
+        model = new_drafter(cfg["drafter"], hf, cfg)
     H = hf.hidden_size
-    assert model.state_dict()["fc.weight"].shape == (H, len(kw["target_layer_ids"]) * H)
+    assert model.kind == cfg["drafter"] and type(model).__name__.startswith("Gemma4") == ("gemma4" in path)
+    assert model.state_dict()["fc.weight"].shape == (H, len(cfg["target_layer_ids"]) * H)
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
@@ -392,3 +387,54 @@ def test_flipped_bytes_in_a_checkpoint_or_a_shard_are_caught(cache, run4, tmp_pa
     reader = CacheReader(str(d))
     with pytest.raises(SystemExit, match=f"shard {shard['file']} is corrupt.*rm "):
         reader[0]
+
+
+@pytest.mark.parametrize("damage", ["train_state.pt", "model.safetensors"])
+def test_damaged_checkpoint_without_checksums_stops_in_one_line(cache, run4, tmp_path, damage):
+    """An older checkpoint (no checksums.json) whose train_state.pt or model.safetensors was cut short stops the
+    resume before any work, in one line naming the file and the fixes; nothing is changed. The old code died in
+    torch.load / safetensors with a traceback, after loading the target and the data."""
+    out = copy_of(run4, tmp_path)
+    os.remove(out / "step_4" / "checksums.json")
+    os.truncate(out / "step_4" / damage, os.path.getsize(out / "step_4" / damage) // 2)
+    line = refused([f"--cache_dir={cache}", f"--out_dir={out}", "--max_steps=5", "--save_interval=1"])
+    assert f"{os.path.realpath(out / 'step_4')}/{damage} cannot be read" in line
+    assert "move" in line and "the checkpoint before it" in line and "--out_dir" in line
+    assert sorted(os.listdir(out)) == sorted(os.listdir(run4)) and os.readlink(out / "step_latest") == "step_4"
+    assert (out / "metrics.jsonl").read_text() == (run4 / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("change", ["drafter=eagle3", "block_size=5", "markov_head_type=gated"])
+def test_resume_refuses_another_drafter(cache, run4, tmp_path, change):
+    """Resuming a DSpark run as another drafter, or with another setting that shapes it, stops before any work in one
+    line: what the run is, what was asked, and both fixes; the run is intact. The old code died on the state dict
+    (eagle3), on the optimizer state (gated), or silently trained a block-4 checkpoint as a block-5 drafter."""
+    key = change.split("=")[0]
+    was = json.load(open(run4 / "step_4" / "nanospec_config.json"))[key]
+    out = copy_of(run4, tmp_path)
+    line = refused([f"--cache_dir={cache}", f"--out_dir={out}", "--max_steps=5", "--save_interval=1", f"--{change}"])
+    assert line.startswith(f"train: {out} holds a dspark run: {key}={was!r} (asked: ")
+    assert "another --out_dir" in line and line.endswith(f"--{key}={was} to continue it")
+    assert_intact(out, run4)
+
+
+def test_resume_logs_each_step_once(cache, run4, tmp_path):
+    """metrics.jsonl rows past the resumed step (logged by a run killed before it saved them, and a line cut
+    mid-write) are dropped, said in one line, and logged again: resuming from step 2 a log that reached step 4 ends
+    with one row per step, equal to the uninterrupted run's; an out_dir with a metrics.jsonl but no checkpoint (a run
+    killed before its first save) starts it afresh. The old code appended to the old rows (steps 1, 2, 3, 4, 3, 4)."""
+    rows = lambda p: [{k: v for k, v in json.loads(r).items() if k != "tokens_per_s"} for r in open(p)]  # noqa: E731
+    out = copy_of(run4, tmp_path)
+    for d in ("step_3", "step_4"):
+        shutil.rmtree(out / d)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lr": 0.0')
+    _, log = train(cache, out, 4, save_interval=1, keep_last=3)
+    assert rows(out / "metrics.jsonl") == rows(run4 / "metrics.jsonl")
+    assert "at step 2 (step_latest broken)" in log and f"dropped 3 row(s) of {out}/metrics.jsonl after step 2" in log
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    shutil.copy(run4 / "metrics.jsonl", fresh)
+    _, log = train(cache, fresh, 4, save_interval=1, keep_last=3)
+    assert rows(fresh / "metrics.jsonl") == rows(run4 / "metrics.jsonl")
+    assert f"dropped 4 row(s) of {fresh}/metrics.jsonl after step 0" in log and "resumed" not in log
