@@ -14,8 +14,9 @@ Training draws up to num_anchors anchors per sequence (positions p with loss_mas
 = 1), trains all their blocks in one forward, and minimizes the CE of eq. (9) with w_k = exp(-k/gamma)
 on the supervised prefix of each block. Decoding (start / propose / next_probs / commit) keeps an
 incremental cache of context keys/values. Checkpoints use DeepSpec's layout (REFERENCE.md s.5).
-Optional reduced draft vocabulary: buffer d2t [Vd] (draft index -> target id); the draft head is
-lm_head.weight[d2t]; draft distributions are scattered back to the full vocabulary (zero elsewhere).
+Optional reduced draft vocabulary, in the engines' convention (SERVING.md): lm_head holds the target head's
+rows of the draft vocabulary [Vd, H], buffer d2t [Vd] the offsets (target id = i + d2t[i]), t2d [V] which target
+ids are in it; draft distributions are scattered back to the full vocabulary (zero elsewhere).
 
 The layer building blocks (RMSNorm, RoPE, Attention, MLP, init) and DraftModel, what every drafter shares
 (construction from a target, the frozen embedding and head, the reduced vocabulary, checkpoint files), live
@@ -39,6 +40,18 @@ CFG_KEYS = {"target_layer_ids", "block_size", "num_draft_layers", "mask_token_id
             "markov_head_type", "enable_confidence_head", "ttt_length", "step_loss_decay",
             "loss_decay_gamma", "num_anchors", "draft_vocab_size", "target_name"}
 FROZEN = ("embed_tokens.weight", "lm_head.weight")  # copied from the target, never trained
+FORMAT = 2  # config["nanospec"]["version"]: 2 = the engines' reduced-vocabulary convention; 1 = absolute d2t, full head
+
+
+def upgrade(sd, vocab_size):
+    """A state dict of format 1 (d2t = absolute ids, no t2d, lm_head [V, H] or omitted) -> format 2, in place."""
+    if "d2t" in sd and "t2d" not in sd:
+        ids = sd["d2t"]
+        mask = torch.zeros(vocab_size, dtype=torch.bool, device=ids.device).index_fill_(0, ids, True)
+        sd["d2t"], sd["t2d"] = ids - torch.arange(len(ids), device=ids.device), mask
+        if sd.get("lm_head.weight") is not None and len(sd["lm_head.weight"]) == vocab_size:
+            sd["lm_head.weight"] = sd["lm_head.weight"][ids]
+    return sd
 
 
 def init_weights(m):
@@ -214,27 +227,43 @@ class DraftModel(nn.Module):
             model.config["vocab_fingerprint"] = target.vocab_fingerprint
             with torch.no_grad():
                 model.embed_tokens.weight.copy_(target.embed_weight)
-                model.lm_head.weight.copy_(target.lm_head_weight)
+                ids = model.draft_ids
+                model.lm_head.weight.copy_(target.lm_head_weight if ids is None else target.lm_head_weight[ids])
         return model
 
-    def head_weight(self):
-        """Draft head [Vd, H]: the target lm_head, or its rows d2t for a reduced draft vocabulary."""
-        return self.lm_head.weight if self.d2t is None else self.lm_head.weight[self.d2t]
+    def make_head(self, c):
+        """The frozen head lm_head [Vd, H] (the target's, or its rows of a reduced draft vocabulary) and, when reduced,
+        the engines' maps d2t [Vd] (offsets: target id = i + d2t[i]) and t2d [V] (bool); placeholder ids 0..Vd-1."""
+        V, vd = c["vocab_size"], c.get("draft_vocab_size") or 0
+        self.lm_head = nn.Linear(c["hidden_size"], vd or V, bias=False)
+        self.register_buffer("d2t", torch.zeros(vd, dtype=torch.long) if vd else None)
+        self.register_buffer("t2d", torch.arange(V) < vd if vd else None)
+
+    @property
+    def draft_ids(self):  # the target id of each draft-vocab entry [Vd] (None: the full vocabulary)
+        return None if self.d2t is None else self.d2t + torch.arange(len(self.d2t), device=self.d2t.device)
 
     def to_full(self, p):
         """Draft-vocab distributions [..., Vd] -> full vocabulary [..., V] (zero outside the draft vocab)."""
         if self.d2t is None:
             return p
-        out = p.new_zeros(*p.shape[:-1], self.lm_head.weight.shape[0])
-        out[..., self.d2t] = p
+        out = p.new_zeros(*p.shape[:-1], self.config["vocab_size"])
+        out[..., self.draft_ids] = p
         return out
 
-    def set_draft_vocab(self, token_ids):
-        """Restrict the draft head to token_ids (e.g. the most frequent answer tokens): d2t[i] = target id."""
+    def set_draft_vocab(self, token_ids, head=None):
+        """Restrict the draft head to token_ids (e.g. the most frequent answer tokens): their rows of the full target
+        head `head` [V, H] (default: this drafter's own, while it still has the full vocabulary)."""
+        V, head = self.config["vocab_size"], self.lm_head.weight if head is None else head
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.lm_head.weight.device)
-        if len(ids.unique()) != len(ids) or ids.min() < 0 or ids.max() >= self.lm_head.weight.shape[0]:
+        if len(ids.unique()) != len(ids) or ids.min() < 0 or ids.max() >= V:
             raise ValueError("set_draft_vocab: token ids must be distinct target ids")
-        self.d2t = ids
+        if len(head) != V:
+            raise ValueError("set_draft_vocab: the head is already reduced: pass the target's full head=")
+        self.lm_head = nn.Linear(head.shape[1], len(ids), bias=False, device=ids.device, dtype=head.dtype)
+        self.lm_head.weight = nn.Parameter(head.detach()[ids.to(head.device)].to(ids.device), requires_grad=False)
+        self.d2t = ids - torch.arange(len(ids), device=ids.device)
+        self.t2d = torch.zeros(V, dtype=torch.bool, device=ids.device).index_fill_(0, ids, True)
         self.config["draft_vocab_size"] = len(ids)
 
     # --- checkpoints (DeepSpec layout: config.json + model.safetensors, keys without prefix) ----
@@ -267,7 +296,7 @@ class DraftModel(nn.Module):
         cls.check_checkpoint(config, path)
         with torch.device("meta"):  # no init: every tensor comes from the file (or the target)
             model = cls(config)
-        sd = load_file(os.path.join(path, "model.safetensors"))
+        sd = upgrade(load_file(os.path.join(path, "model.safetensors")), config["vocab_size"])
         expected = set(model.state_dict())
         missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
         if set(missing) - set(FROZEN) or unexpected:
@@ -276,7 +305,9 @@ class DraftModel(nn.Module):
         if missing:  # saved with include_frozen=False: re-tie the frozen embedding and head
             if target is None:
                 raise ValueError(f"{path} omits {missing} (saved with include_frozen=False): pass target=")
-            frozen = {"embed_tokens.weight": target.embed_weight, "lm_head.weight": target.lm_head_weight}
+            ids = None if "d2t" not in sd else sd["d2t"] + torch.arange(len(sd["d2t"]))
+            frozen = {"embed_tokens.weight": target.embed_weight,
+                      "lm_head.weight": target.lm_head_weight if ids is None else target.lm_head_weight[ids.to(target.device)]}
             sd.update({k: frozen[k] for k in missing})
         sd = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v for k, v in sd.items()}
         model.load_state_dict(sd, assign=True)  # assign keeps each parameter's requires_grad (frozen stay frozen)
@@ -303,9 +334,7 @@ class DFlash(DraftModel):
         self.layers = nn.ModuleList(self.make_layer(H, nh, nkv, self.hd, c["intermediate_size"], eps)
                                     for _ in range(c["num_hidden_layers"]))
         self.norm = self.Norm(H, eps)
-        self.lm_head = nn.Linear(H, V, bias=False)  # frozen target head
-        vd = c.get("draft_vocab_size") or 0
-        self.register_buffer("d2t", torch.arange(vd) if vd else None)  # placeholder until set_draft_vocab
+        self.make_head(c)  # the frozen target head [V or Vd, H]
         self.apply(init_weights)
         self.embed_tokens.weight.requires_grad_(False)
         self.lm_head.weight.requires_grad_(False)
@@ -335,7 +364,7 @@ class DFlash(DraftModel):
                 "tie_word_embeddings": False, **cls.head_config(cfg),
                 # nanospec's own fields (DeepSpec ignores them)
                 "draft_vocab_size": cfg.get("draft_vocab_size", 0), "loss_decay_gamma": cfg.get("loss_decay_gamma", 4.0),
-                "nanospec": {"drafter": cls.kind, "version": 1,
+                "nanospec": {"drafter": cls.kind, "version": FORMAT,
                              "target_name": cfg.get("target_name", getattr(target, "name", ""))}}
 
     @classmethod
@@ -426,8 +455,8 @@ class DFlash(DraftModel):
         """Target ids -> draft-vocab indices; -1 (ignored by the loss: a miss) outside a reduced vocab."""
         if self.d2t is None:
             return labels
-        t2d = torch.full((self.lm_head.weight.shape[0],), -1, dtype=torch.long, device=labels.device)
-        t2d[self.d2t] = torch.arange(len(self.d2t), device=labels.device)
+        t2d = torch.full((self.config["vocab_size"],), -1, dtype=torch.long, device=labels.device)
+        t2d[self.draft_ids] = torch.arange(len(self.d2t), device=labels.device)
         return t2d[labels]
 
     def block_loss(self, h, h_t, labels, prev, w):
@@ -439,7 +468,7 @@ class DFlash(DraftModel):
         hd, ht, w = h.flatten(0, 1), h_t.flatten(0, 1).to(h.dtype), w.flatten()  # [N, H], [N, H], [N]
         y = self.draft_labels(labels.flatten())
         # fused: no [N, V] tensor; rows of weight 0 are skipped (values 0, argmax -1)
-        ce, l1, c_star, am = kernels.fused_dspark_loss(hd, ht, y, self.head_weight(), weights=(w > 0).to(hd.dtype),
+        ce, l1, c_star, am = kernels.fused_dspark_loss(hd, ht, y, self.lm_head.weight, weights=(w > 0).to(hd.dtype),
                                                        return_argmax=True, softcap=self.softcap)[:4]
         return (w * ce).sum(), self.metrics(w, ce, l1, c_star, am == y)
 
@@ -459,7 +488,7 @@ class DFlash(DraftModel):
     @torch.no_grad()
     def start(self, prompt_ids, taps):
         """After the target's prefill: cache the context keys/values of the prompt's T tokens."""
-        state = {"kv": None, "len": 0, "memo": {}, "head": self.head_weight()}  # d2t rows gathered once (19 MB)
+        state = {"kv": None, "len": 0, "memo": {}, "head": self.lm_head.weight}
         self.commit(state, prompt_ids, taps)
         return state
 
@@ -514,7 +543,7 @@ class DFlash(DraftModel):
             p = kernels.logits_to_probs(self.slot_logits(h, U, toks), temperature, top_k, top_p)  # [Vd]
             conf.append(self.slot_confidence(h, toks))
             i = int(p.argmax() if temperature == 0 else torch.multinomial(p, 1, generator=generator)[0])
-            toks.append(i if self.d2t is None else int(self.d2t[i]))
+            toks.append(i if self.d2t is None else i + int(self.d2t[i]))  # draft index -> target id
             probs.append(self.to_full(p))
         conf = None if conf[0] is None else torch.stack(conf)
         return torch.tensor(toks[1:], device=h.device), torch.stack(probs), conf

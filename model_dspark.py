@@ -72,9 +72,9 @@ class DSpark(DFlash):
             out["confidence_head_with_markov"] = r > 0
         return out
 
-    def set_draft_vocab(self, token_ids):
+    def set_draft_vocab(self, token_ids, head=None):
         """As DFlash; W2 then maps to the draft vocab (re-initialized when its size changes; W1 stays full)."""
-        super().set_draft_vocab(token_ids)
+        super().set_draft_vocab(token_ids, head)
         if self.markov_head is not None and self.markov_head.markov_w2.out_features != len(self.d2t):
             w2 = nn.Linear(self.rank, len(self.d2t), bias=False, device=self.d2t.device)
             self.markov_head.markov_w2 = w2.apply(init_weights).to(self.fc.weight.dtype)
@@ -113,7 +113,7 @@ class DSpark(DFlash):
         bias = None
         if self.markov_head is not None:  # low-rank pair: A [N, r] @ W2^T [r, Vd], never built for all V
             bias = (self.markov_factor(prev, h).flatten(0, 1).to(h.dtype), self.markov_head.markov_w2.weight)
-        ce, l1, c_star, am = kernels.fused_dspark_loss(hd, ht, y, self.head_weight(), bias=bias, softcap=self.softcap,
+        ce, l1, c_star, am = kernels.fused_dspark_loss(hd, ht, y, self.lm_head.weight, bias=bias, softcap=self.softcap,
                                                        weights=(wf > 0).to(hd.dtype), return_argmax=True)[:4]
         loss = (wf * (CE_ALPHA * ce + L1_ALPHA * l1)).sum()
         extra = {}

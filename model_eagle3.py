@@ -27,9 +27,9 @@ Decoding: the draft KV cache holds, for each committed position t, K/V of the pa
 (fc(taps[t]), x_{t+1}); the last committed token's features wait as `pending` until the next token
 (the anchor) is known. propose/next_probs never write into the state (their chain keys live in
 temporary tensors), so commit has no speculative entry to crop and only extends.
-Optional reduced draft vocabulary (EAGLE-3's recipe, not DeepSpec's): buffer `d2t` [Vd] holds the
-absolute target ids (EAGLE-3's own files store offsets d2t[i] = id - i); the draft head is
-lm_head.weight[d2t] and draft distributions are scattered back to the full vocabulary.
+Optional reduced draft vocabulary (EAGLE-3's recipe, not DeepSpec's), stored as EAGLE-3 and the engines store it:
+lm_head [Vd, H] holds the target head's rows, d2t [Vd] the offsets (target id = i + d2t[i]), t2d [V] the mask;
+draft distributions are scattered back to the full vocabulary.
 Everything but the layer, the TTT loss and the draft cache comes from model_dflash.py: the building blocks
 (RMSNorm, Attention, MLP, RoPE) and DraftModel (construction, reduced vocabulary, checkpoints).
 """
@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from model_dflash import MLP, Attention, DraftModel, RMSNorm, check_supported, init_weights, rope_cos_sin
+from model_dflash import FORMAT, MLP, Attention, DraftModel, RMSNorm, check_supported, init_weights, rope_cos_sin
 
 
 def shift(x, n):
@@ -118,9 +118,7 @@ class Eagle3(DraftModel):
         self.fc = nn.Linear(len(c["target_layer_ids"]) * H, H, bias=False)  # n*H tapped features -> H
         self.layers = nn.ModuleList(self.make_layer(H, nh, nkv, self.hd, c["intermediate_size"], eps) for _ in range(n))
         self.norm = self.Norm(H, eps)
-        self.lm_head = nn.Linear(H, V, bias=False)  # frozen target head
-        vd = c.get("draft_vocab_size") or 0  # 0 = full vocabulary (DeepSpec)
-        self.register_buffer("d2t", torch.arange(vd) if vd else None)  # placeholder until set_draft_vocab
+        self.make_head(c)  # the frozen target head [V or Vd, H] (draft_vocab_size 0 = the full vocabulary, DeepSpec)
         self.apply(init_weights)
         self.embed_tokens.weight.requires_grad_(False)
         self.lm_head.weight.requires_grad_(False)
@@ -142,7 +140,7 @@ class Eagle3(DraftModel):
                  num_target_layers=base["num_hidden_layers"], target_layer_ids=cfg["target_layer_ids"],
                  ttt_length=int(cfg.get("ttt_length", 7)), step_loss_decay=float(cfg.get("step_loss_decay", 0.8)),
                  draft_vocab_size=int(cfg.get("draft_vocab_size", 0)), target_model_name_or_path=name,
-                 tie_word_embeddings=False)
+                 tie_word_embeddings=False, nanospec={"drafter": cls.kind, "version": FORMAT})  # ours; DeepSpec ignores it
         if "layer_types" in c:
             c["layer_types"] = ["full_attention"] * n
         return c
@@ -153,13 +151,13 @@ class Eagle3(DraftModel):
             raise ValueError(f"{path}: architectures {config.get('architectures')} is not an Eagle3 checkpoint "
                              f"of {cls.__name__} (expected one of {list(cls.architectures)}); load it with its own class")
 
-    def set_draft_vocab(self, token_ids):
-        """As DFlash, in increasing order (EAGLE-3's own files store d2t as offsets id - i)."""
-        super().set_draft_vocab(torch.as_tensor(token_ids).sort().values)
+    def set_draft_vocab(self, token_ids, head=None):
+        """As DFlash, in increasing order (as EAGLE-3's own files)."""
+        super().set_draft_vocab(torch.as_tensor(token_ids).sort().values, head)
 
     def draft_logits(self, h):
         """Layer outputs h [N, H] (before the final norm) -> draft logits [N, Vd] fp32."""
-        return self.cap(F.linear(self.norm(h), self.head_weight()).float())
+        return self.cap(F.linear(self.norm(h), self.lm_head.weight).float())
 
     # --- training: the TTT unroll and its loss ----------------------------------
 
@@ -191,7 +189,7 @@ class Eagle3(DraftModel):
         ids, loss_mask, last_hidden = batch["input_ids"], batch["loss_mask"], batch["last_hidden"]
         B, T = ids.shape
         lengths = batch["lengths"] if "lengths" in batch else torch.full((B,), T, device=ids.device)
-        W, K = self.head_weight(), self.ttt_length  # W [Vd, H]
+        W, K = self.lm_head.weight, self.ttt_length  # W [Vd, H]
         loss, ce_sum = W.new_zeros((), dtype=torch.float32), 0.0
         count = torch.zeros(K, device=W.device)  # per-step sums: supervised rows, top-1 matches, 1 - L1/2
         top1, accept = torch.zeros_like(count), torch.zeros_like(count)
@@ -279,7 +277,7 @@ class Eagle3(DraftModel):
             past = self._append(past, new)
             p = kernels.logits_to_probs(self.draft_logits(h), temperature, top_k, top_p)  # [1, Vd]
             idx = p.argmax(-1) if temperature == 0 else torch.multinomial(p, 1, generator=generator)[:, 0]
-            tok = idx if self.d2t is None else self.d2t[idx]  # draft id -> target id
+            tok = idx if self.d2t is None else idx + self.d2t[idx]  # draft index -> target id
             tokens.append(tok)
             probs.append(self.to_full(p))
             if stop and int(tok) in stop:  # a drafted end of turn: later drafts could never be committed
@@ -294,7 +292,7 @@ class Eagle3(DraftModel):
         forward with a tree mask (cache + ancestors + self), as in EAGLE-2's tree drafting."""
         dev = self.fc.weight.device
         if not paths:
-            return torch.zeros(0, self.lm_head.weight.shape[0], device=dev)
+            return torch.zeros(0, self.config["vocab_size"], device=dev)
         index, parent, token = {(): 0}, [-1], [int(anchor)]
         for path in paths:
             path = tuple(int(x) for x in path)

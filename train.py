@@ -40,6 +40,7 @@ from build_cache import CacheReader, make_record, read_answers, render_sample  #
 from configurator import NON_NEGATIVE, POSITIVE, Range, atomic_path, check_ranges, configure, cut_log, \
     init_distributed, verify_checksums, write_checksums
 from evaluate import measure_tau
+from model_dflash import upgrade
 from target import check_geometry, load_target, new_drafter
 
 # --- defaults: configs/*.py and --key=value override these ----------------------------------------
@@ -221,7 +222,7 @@ if draft_vocab_size:  # the reduced head keeps the most frequent tokens of the t
     every = torch.bincount(torch.cat([ids for ids, _ in samples]).cpu(), minlength=V)
     order = torch.argsort(every, descending=True, stable=True)  # the tie-break first, then the main key:
     order = order[torch.argsort(answer[order], descending=True, stable=True)]  # stable sorts keep the ties' order
-    model.set_draft_vocab(order[:draft_vocab_size].sort().values)
+    model.set_draft_vocab(order[:draft_vocab_size].sort().values, tgt.lm_head_weight)
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
 if master:
@@ -232,7 +233,7 @@ if master:
 # --- resume ----------------------------------------------------------------------------------------
 step = 0
 if resume and ckpt:  # step_latest, or the newest complete step_<N> when step_latest is dangling or incomplete
-    model.load_state_dict({**model.state_dict(), **weights})
+    model.load_state_dict({**model.state_dict(), **upgrade(weights, tgt.config.vocab_size)})  # format 1 -> 2
     optimizer.load_state_dict(state["optimizer"])
     step = state["step"]
     if master:

@@ -169,7 +169,7 @@ def block_logits(model, input_ids, taps, seq, pos):
     K, T = model.block_size, input_ids.shape[1]
     prev = input_ids[seq[:, None], (pos[:, None] + torch.arange(K, device=pos.device)).clamp(max=T - 1)]
     h = model.block_hidden(input_ids, taps, seq, pos)  # [NB, K, H]
-    U = h @ model.head_weight().T
+    U = h @ model.lm_head.weight.T
     if getattr(model, "markov_head", None) is None:
         return U
     return U + model.markov_head.markov_w2(model.markov_factor(prev, h))
@@ -358,7 +358,9 @@ def test_reduced_draft_vocab(tq, tmp_path):
     batch = tiny_batch(tq, [30])
     keep = batch["input_ids"][0, 7:20].unique()[:30].tolist()
     vocab = keep + [i for i in range(256) if i not in keep][:40 - len(keep)]
-    model.set_draft_vocab(vocab)
+    with pytest.raises(ValueError, match="already reduced"):  # the placeholder head holds 40 rows, not the target's
+        model.set_draft_vocab(vocab)
+    model.set_draft_vocab(vocab, tq.lm_head_weight)
     state = model.start(batch["input_ids"][0, :9], batch["taps"][0, :9])
     tok, probs, _ = model.propose(state, 3, 5, temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert all(int(x) in vocab for x in tok)
@@ -371,6 +373,16 @@ def test_reduced_draft_vocab(tq, tmp_path):
     assert torch.isfinite(loss) and m["ce"] > 0
     model.save_pretrained(tmp_path / "d")
     m2 = DFlash.from_pretrained(str(tmp_path / "d"))
-    assert m2.d2t.tolist() == vocab and "d2t" in load_file(tmp_path / "d" / "model.safetensors")
-    assert torch.equal(m2.next_probs(m2.start(batch["input_ids"][0, :9], batch["taps"][0, :9]), 3, [()]),
-                       model.next_probs(state, 3, [()]))
+    want = model.next_probs(state, 3, [()])
+    assert m2.draft_ids.tolist() == vocab
+    assert torch.equal(m2.next_probs(m2.start(batch["input_ids"][0, :9], batch["taps"][0, :9]), 3, [()]), want)
+    # the engines' convention (SERVING.md): d2t offsets, t2d mask, the head's draft rows [Vd, H]
+    sd = load_file(tmp_path / "d" / "model.safetensors")
+    assert sd["d2t"].tolist() == [v - i for i, v in enumerate(vocab)] and sd["t2d"].nonzero()[:, 0].tolist() == sorted(vocab)
+    assert torch.equal(sd["lm_head.weight"], tq.lm_head_weight[vocab])
+    # a checkpoint of format 1 (absolute d2t, full head, no t2d; the shipped drafter's) loads to the same drafter
+    old = {**sd, "d2t": torch.tensor(vocab), "lm_head.weight": tq.lm_head_weight.detach().clone()}
+    del old["t2d"]
+    save_file(old, str(tmp_path / "d" / "model.safetensors"))
+    m1 = DFlash.from_pretrained(str(tmp_path / "d"))
+    assert torch.equal(m1.next_probs(m1.start(batch["input_ids"][0, :9], batch["taps"][0, :9]), 3, [()]), want)

@@ -205,7 +205,7 @@ def test_reduced_draft_vocab(tq):
     model = dspark(tq, "vanilla", draft_vocab_size=40)
     assert model.markov_head.markov_w2.weight.shape == (40, 16)
     vocab = list(range(100, 130))
-    model.set_draft_vocab(vocab)
+    model.set_draft_vocab(vocab, tq.lm_head_weight)
     assert model.markov_head.markov_w2.weight.shape == (30, 16) and model.markov_head.markov_w1.weight.shape[0] == 262
     batch = tiny_batch(tq, [30])
     loss, m = model(batch, gens([0]))

@@ -300,7 +300,7 @@ def test_reduced_draft_vocab(target, tmp_path):
     training runs on the reduced head, and d2t survives a checkpoint round trip."""
     model = make_model(target, draft_vocab_size=40)
     keep = torch.randperm(262, generator=torch.Generator().manual_seed(0))[:40]
-    model.set_draft_vocab(keep)
+    model.set_draft_vocab(keep, target.lm_head_weight)
     ids, taps = prompt_and_taps(target)
     state = model.start(ids, taps)
     tokens, probs, _ = model.propose(state, 3, 3, temperature=1.0, generator=torch.Generator().manual_seed(0))
@@ -313,7 +313,7 @@ def test_reduced_draft_vocab(target, tmp_path):
     loss, m = model(make_batch(target), None)
     assert torch.isfinite(loss) and m["weight"] > 0
     model.save_pretrained(tmp_path)
-    assert torch.equal(Eagle3.from_pretrained(tmp_path).d2t, keep.sort().values)
+    assert torch.equal(Eagle3.from_pretrained(tmp_path).draft_ids, keep.sort().values)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
