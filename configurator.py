@@ -24,7 +24,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
-SCRIPTS = ("build_cache.py", "train.py", "evaluate.py", "scheduler.py")
+SCRIPTS = ("build_cache.py", "train.py", "evaluate.py", "scheduler.py", "export.py")
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_TYPES = (bool, int, float, str, list, tuple, dict, type(None))
 

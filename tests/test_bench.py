@@ -65,7 +65,7 @@ def test_bench_decode_lossless(tmp_path):
 def test_cuda_geometry_on_meta():
     """The GPU benchmark's target and drafters, built on the meta device (no memory): Qwen3-4B's shapes and
     DeepSpec's recipe (5 draft layers, rank 256, 512 anchors; Eagle3 1 layer, 7 TTT steps)."""
-    t = bench.random_qwen3_4b("meta")
+    t = bench.random_target("meta")
     c = t.config
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
             c.intermediate_size, c.vocab_size) == (36, 2560, 32, 8, 128, 9728, 151936)
@@ -82,3 +82,7 @@ def test_cuda_geometry_on_meta():
     b = bench.synthetic_batch(t, 1, 16, "meta")
     assert b["taps"].shape == (1, 16, 5 * 2560) and b["last_hidden"].shape == (1, 16, 2560)
     assert bench.recipe("dflash", "cuda")["max_len"] == 4096 and bench.recipe("dspark", "cpu")["max_len"] == 512
+    g = bench.random_target("meta", geometry="gemma4_12b")  # --geometry=gemma4_12b: DeepSpec's Gemma DSpark
+    assert g.layer_ids == [5, 17, 29, 41, 46] and g.mask_token_id == 4
+    d = bench.build_drafter("dspark", g, bench.recipe("dspark", "cuda", "gemma4_12b"), "meta")
+    assert type(d).__name__ == "Gemma4DSpark" and 3.42e9 < sum(p.numel() for p in d.parameters()) < 3.44e9
