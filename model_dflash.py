@@ -183,9 +183,9 @@ class DraftModel(nn.Module):
     """What DFlash, DSpark and Eagle3 share: construction from a target (the config contract of DESIGN.md),
     the frozen target embedding and head, the reduced draft vocabulary, and DeepSpec's checkpoint files.
 
-    A drafter sets `kind`, `normalize_over_ranks` and `proposal_length`; builds embed_tokens, fc, ..., lm_head
-    and the buffer d2t in __init__ from its config.json dict (which draft_config writes); and trains (forward)
-    and decodes (start, propose, next_probs, commit) as DESIGN.md says.
+    A drafter sets `kind`, `architectures`, `normalize_over_ranks` and `proposal_length`; builds embed_tokens, fc,
+    its layers (make_layer), ... and the head (make_head) in __init__ from its config.json dict (which draft_config
+    writes); and trains (forward) and decodes (start, propose, next_probs, commit) as DESIGN.md says.
     """
     has_confidence = False  # DSpark with a confidence head: propose also returns c_k (scheduler.py uses it)
     family, Norm = "qwen3", RMSNorm  # the layer family; model_gemma4.py swaps in Gemma-4's building blocks
