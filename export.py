@@ -28,6 +28,7 @@ target = ""                      # "" = the target named in the drafter's config
 engine = "vllm"                  # vllm | sglang | llama.cpp
 export_dir = ""                  # where the engine's folder (and the .gguf for llama.cpp) goes; must not exist yet
 llama_cpp = ""                   # llama.cpp source tree with convert_hf_to_gguf.py ("" = print the command only)
+converter_python = ""            # the python that runs it ("" = this one; it needs the sentencepiece module)
 
 
 def engine_files(d, engine):
@@ -113,11 +114,11 @@ if __name__ == "__main__":
     gguf = None
     if engine == "llama.cpp":
         gguf = os.path.join(export_dir, "drafter.gguf")
-        convert = [sys.executable, os.path.join(os.path.expanduser(llama_cpp or "LLAMA_CPP"), "convert_hf_to_gguf.py"),
+        convert = [converter_python or sys.executable, os.path.join(os.path.expanduser(llama_cpp or "LLAMA_CPP"), "convert_hf_to_gguf.py"),
                    export_dir, "--target-model-dir", target_folder(tgt.name), "--outtype", "bf16", "--outfile", gguf]
         if not llama_cpp:
             print("export: no --llama_cpp given; convert with:\n  " + " ".join(convert))
         elif subprocess.run(convert).returncode:
-            raise SystemExit(f"export: llama.cpp's converter failed (its message is above); the folder {export_dir} "
-                             f"is kept for a retry")
+            raise SystemExit(f"export: llama.cpp's converter failed (its message is above; a missing sentencepiece: pip "
+                             f"install sentencepiece, or pass --converter_python); {export_dir} is kept for a retry")
     print(f"export: {d.kind} for {engine} in {export_dir}; serve with:\n  {serve_command(d, engine, export_dir, tgt.name, gguf)}")
