@@ -18,10 +18,17 @@ if not os.path.exists(BIN) or not os.path.exists(PY):
                 allow_module_level=True)
 
 
-def test_shipped_drafter_converts_and_drafts_in_llama_cpp(tmp_path):
-    from target import load_target, smollm2_gguf_path
+@pytest.mark.parametrize("kind", ["shipped", "dspark", "dflash"])
+def test_drafters_convert_and_draft_in_llama_cpp(tmp_path, kind):
+    """The shipped drafter (format 1, reduced vocabulary), and fresh full-vocabulary DSpark and DFlash drafters
+    (format 2, as train.py saves them): export, llama.cpp's converter, its draft-dspark speculative decoding."""
+    from target import load_target, new_drafter, smollm2_gguf_path
+    ckpt = "drafters/smollm2_dspark"
+    if kind != "shipped":  # untrained: only the file format and the engine's path are under test
+        ckpt = str(tmp_path / kind)
+        new_drafter(kind, load_target("smollm2"), {"num_draft_layers": 1, "markov_rank": 64}).save_pretrained(ckpt)
     out = tmp_path / "gguf"
-    p = subprocess.run([sys.executable, "export.py", "--checkpoint=drafters/smollm2_dspark", "--engine=llama.cpp",
+    p = subprocess.run([sys.executable, "export.py", f"--checkpoint={ckpt}", "--engine=llama.cpp", "--target=smollm2",
                         f"--export_dir={out}", f"--llama_cpp={LLAMA}", f"--converter_python={PY}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and (out / "drafter.gguf").exists(), p.stdout[-2000:] + p.stderr[-2000:]
@@ -38,5 +45,6 @@ def test_shipped_drafter_converts_and_drafts_in_llama_cpp(tmp_path):
                         "-nr"],  # -nr: no AMX weight repacking (it crashes on this VM on batches of 2+ tokens)
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    accepted = re.search(r"n_accept\s*=\s*(\d+)", r.stderr)
-    assert accepted and int(accepted.group(1)) > 0, r.stderr[-2000:]
+    drafted, accepted = (re.search(rf"{k}\s*=\s*(\d+)", r.stderr) for k in ("n_drafted", "n_accept"))
+    assert drafted and int(drafted.group(1)) > 0, r.stderr[-2000:]
+    assert kind != "shipped" or int(accepted.group(1)) > 0, r.stderr[-2000:]  # a trained drafter is accepted
