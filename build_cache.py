@@ -591,7 +591,8 @@ if __name__ == "__main__":
         if rank == 0:
             _atomic_write(spath, json.dumps(gen_settings).encode())
         part_path = lambda r: answers_path if world == 1 else f"{answers_path[:-6]}.rank{r}-of-{world}.jsonl"
-        parts = glob.glob(f"{answers_path[:-6]}.rank*-of-*.jsonl")  # a killed run's, of this world size or another
+        any_part = f"{answers_path[:-6]}.rank*-of-*.jsonl"
+        parts = glob.glob(any_part)  # a killed run's, of this world size or another
         if world > 1 or parts:  # a rank starts from every answer of its samples already made: none is made twice
             mine = {r["sample_id"]: r for f in parts + [answers_path] for r in read_answers(f)
                     if r["sample_id"] % world == rank}  # answers.jsonl's rows, if several, over a part's
@@ -605,7 +606,7 @@ if __name__ == "__main__":
             rows = sorted((r for q in range(world) for r in read_answers(part_path(q))), key=lambda r: r["sample_id"])
             _atomic_write(answers_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
         if rank == 0:  # then no part is left, of this world size or another: answers.jsonl holds all their rows
-            [os.remove(f) for f in glob.glob(f"{answers_path[:-6]}.rank*-of-*.jsonl")]
+            [os.remove(f) for f in glob.glob(any_part)]
         barrier()
 
     # --- stage 2: features ---------------------------------------------------------

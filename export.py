@@ -13,13 +13,14 @@ the engine cannot run, with the reason, and prints the serve command.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import torch
-from safetensors.torch import save_file
 
 from configurator import atomic_path, configure
+from model_dflash import write_checkpoint
 from target import load, smollm2_folder
 
 # --- defaults: --key=value overrides these ------------------------------------------------------------------
@@ -99,26 +100,27 @@ if __name__ == "__main__":
     if not export_dir or os.path.exists(export_dir):
         raise SystemExit(f"export: pass a new --export_dir (got {export_dir!r}: " +
                          ("it exists; pick another or remove it)" if export_dir else "empty)"))
+    converter = os.path.join(os.path.expanduser(llama_cpp or "LLAMA_CPP"), "convert_hf_to_gguf.py")
+    if engine == "llama.cpp" and llama_cpp and not os.path.exists(converter):
+        raise SystemExit(f"export: no {converter}: pass --llama_cpp=<llama.cpp source tree> (LOG.md, session 7)")
     tgt, d, path = load(checkpoint, target)
     c, sd = engine_files(d, engine)  # refusals come before anything is written
     os.makedirs(export_dir)
-    with atomic_path(os.path.join(export_dir, "model.safetensors")) as tmp:
-        save_file(sd, tmp, metadata={"format": "pt"})
-    with atomic_path(os.path.join(export_dir, "config.json")) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(c, f, indent=2, default=str)
+    write_checkpoint(export_dir, sd, c)
     calib = os.path.join(path, "calibration.json")
     if engine == "sglang" and os.path.exists(calib):  # SGLang reads the same {"temperatures": [...]} (scheduler.py)
-        with open(calib) as f, atomic_path(os.path.join(export_dir, "calibration.json")) as tmp:
-            open(tmp, "w").write(f.read())
+        with atomic_path(os.path.join(export_dir, "calibration.json")) as tmp:
+            shutil.copyfile(calib, tmp)
     gguf = None
     if engine == "llama.cpp":
         gguf = os.path.join(export_dir, "drafter.gguf")
-        convert = [converter_python or sys.executable, os.path.join(os.path.expanduser(llama_cpp or "LLAMA_CPP"), "convert_hf_to_gguf.py"),
-                   export_dir, "--target-model-dir", target_folder(tgt.name), "--outtype", "bf16", "--outfile", gguf]
+        convert = [converter_python or sys.executable, converter, export_dir, "--target-model-dir",
+                   target_folder(tgt.name), "--outtype", "bf16", "--outfile", gguf]
         if not llama_cpp:
             print("export: no --llama_cpp given; convert with:\n  " + " ".join(convert))
         elif subprocess.run(convert).returncode:
-            raise SystemExit(f"export: llama.cpp's converter failed (its message is above; a missing sentencepiece: pip "
-                             f"install sentencepiece, or pass --converter_python); {export_dir} is kept for a retry")
-    print(f"export: {d.kind} for {engine} in {export_dir}; serve with:\n  {serve_command(d, engine, export_dir, tgt.name, gguf)}")
+            raise SystemExit(f"export: llama.cpp's converter failed (its message is above; a missing sentencepiece: "
+                             f"pip install sentencepiece, or pass --converter_python); the exported folder {export_dir} "
+                             f"is complete: convert it with\n  " + " ".join(convert))
+    print(f"export: {d.kind} for {engine} in {export_dir}; serve with:\n  "
+          f"{serve_command(d, engine, export_dir, tgt.name, gguf)}")

@@ -43,12 +43,26 @@ FROZEN = ("embed_tokens.weight", "lm_head.weight")  # copied from the target, ne
 FORMAT = 2  # config["nanospec"]["version"]: 2 = the engines' reduced-vocabulary convention; 1 = absolute d2t, full head
 
 
+def write_checkpoint(path, sd, config):
+    """path/model.safetensors (the state dict sd, on the CPU) and path/config.json, each written atomically."""
+    with atomic_path(os.path.join(path, "model.safetensors")) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, tmp, metadata={"format": "pt"})
+    with atomic_path(os.path.join(path, "config.json")) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(config, f, indent=2, default=str)
+
+
+def vocab_maps(ids, vocab_size):
+    """Target ids of a draft vocabulary [Vd] -> the engines' maps: d2t [Vd] offsets (id = i + d2t[i]), t2d [V] mask."""
+    return ids - torch.arange(len(ids), device=ids.device), \
+        torch.zeros(vocab_size, dtype=torch.bool, device=ids.device).index_fill_(0, ids, True)
+
+
 def upgrade(sd, vocab_size):
     """A state dict of format 1 (d2t = absolute ids, no t2d, lm_head [V, H] or omitted) -> format 2, in place."""
     if "d2t" in sd and "t2d" not in sd:
         ids = sd["d2t"]
-        mask = torch.zeros(vocab_size, dtype=torch.bool, device=ids.device).index_fill_(0, ids, True)
-        sd["d2t"], sd["t2d"] = ids - torch.arange(len(ids), device=ids.device), mask
+        sd["d2t"], sd["t2d"] = vocab_maps(ids, vocab_size)
         if sd.get("lm_head.weight") is not None and len(sd["lm_head.weight"]) == vocab_size:
             sd["lm_head.weight"] = sd["lm_head.weight"][ids]
     return sd
@@ -113,7 +127,8 @@ def check_supported(c, want="qwen3"):
     """A drafter class builds only its own family's layers; target.drafter_class(config) picks the class."""
     if family(c) != want:
         raise ValueError(f"a {family(c)} config given to a {want} drafter class: load it with target.drafter_class")
-    if want == "qwen3" and ("text_config" in c or c.get("hidden_act", "silu") != "silu" or "gemma" in c.get("model_type", "")):
+    if want == "qwen3" and ("text_config" in c or c.get("hidden_act", "silu") != "silu"
+                            or "gemma" in c.get("model_type", "")):
         raise NotImplementedError("only Qwen3/Llama-style (SiLU MLP, flat config) and Gemma-4 targets are supported")
 
 
@@ -262,8 +277,7 @@ class DraftModel(nn.Module):
             raise ValueError("set_draft_vocab: the head is already reduced: pass the target's full head=")
         self.lm_head = nn.Linear(head.shape[1], len(ids), bias=False, device=ids.device, dtype=head.dtype)
         self.lm_head.weight = nn.Parameter(head.detach()[ids.to(head.device)].to(ids.device), requires_grad=False)
-        self.d2t = ids - torch.arange(len(ids), device=ids.device)
-        self.t2d = torch.zeros(V, dtype=torch.bool, device=ids.device).index_fill_(0, ids, True)
+        self.d2t, self.t2d = vocab_maps(ids, V)
         self.config["draft_vocab_size"] = len(ids)
 
     # --- checkpoints (DeepSpec layout: config.json + model.safetensors, keys without prefix) ----
@@ -271,13 +285,8 @@ class DraftModel(nn.Module):
     def save_pretrained(self, path, include_frozen=True):
         """Write config.json + model.safetensors, each atomically; include_frozen=False omits
         embed_tokens/lm_head (re-tied from the target by from_pretrained)."""
-        sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
-              if include_frozen or k not in FROZEN}
-        with atomic_path(os.path.join(path, "model.safetensors")) as tmp:
-            save_file(sd, tmp, metadata={"format": "pt"})
-        with atomic_path(os.path.join(path, "config.json")) as tmp:
-            with open(tmp, "w") as f:
-                json.dump(self.config, f, indent=2, default=str)
+        write_checkpoint(path, {k: v for k, v in self.state_dict().items() if include_frozen or k not in FROZEN},
+                         self.config)
 
     @classmethod
     def check_checkpoint(cls, config, path):
@@ -305,9 +314,10 @@ class DraftModel(nn.Module):
         if missing:  # saved with include_frozen=False: re-tie the frozen embedding and head
             if target is None:
                 raise ValueError(f"{path} omits {missing} (saved with include_frozen=False): pass target=")
-            ids = None if "d2t" not in sd else sd["d2t"] + torch.arange(len(sd["d2t"]))
-            frozen = {"embed_tokens.weight": target.embed_weight,
-                      "lm_head.weight": target.lm_head_weight if ids is None else target.lm_head_weight[ids.to(target.device)]}
+            head = target.lm_head_weight  # a reduced vocabulary's rows: ids i + d2t[i]
+            if "d2t" in sd:
+                head = head[(sd["d2t"] + torch.arange(len(sd["d2t"]))).to(head.device)]
+            frozen = {"embed_tokens.weight": target.embed_weight, "lm_head.weight": head}
             sd.update({k: frozen[k] for k in missing})
         sd = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v for k, v in sd.items()}
         model.load_state_dict(sd, assign=True)  # assign keeps each parameter's requires_grad (frozen stay frozen)
@@ -488,7 +498,7 @@ class DFlash(DraftModel):
     @torch.no_grad()
     def start(self, prompt_ids, taps):
         """After the target's prefill: cache the context keys/values of the prompt's T tokens."""
-        state = {"kv": None, "len": 0, "memo": {}, "head": self.lm_head.weight}
+        state = {"kv": None, "len": 0, "memo": {}}
         self.commit(state, prompt_ids, taps)
         return state
 
@@ -517,10 +527,10 @@ class DFlash(DraftModel):
             ids = torch.full((self.block_size,), self.mask_token_id, dtype=torch.long, device=dev)
             ids[0] = int(anchor)
             h = self.backbone(ids, p + torch.arange(self.block_size, device=dev), state["kv"])
-            state["memo"] = {key: (h, h[:0] @ state["head"].T)}  # only the latest block is kept
+            state["memo"] = {key: (h, h[:0] @ self.lm_head.weight.T)}  # only the latest block is kept
         h, U = state["memo"][key]
         if len(U) < slots:
-            U = self.cap(h[:slots] @ state["head"].T)
+            U = self.cap(h[:slots] @ self.lm_head.weight.T)
             state["memo"][key] = (h, U)
         return h, U
 

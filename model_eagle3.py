@@ -140,7 +140,8 @@ class Eagle3(DraftModel):
                  num_target_layers=base["num_hidden_layers"], target_layer_ids=cfg["target_layer_ids"],
                  ttt_length=int(cfg.get("ttt_length", 7)), step_loss_decay=float(cfg.get("step_loss_decay", 0.8)),
                  draft_vocab_size=int(cfg.get("draft_vocab_size", 0)), target_model_name_or_path=name,
-                 tie_word_embeddings=False, nanospec={"drafter": cls.kind, "version": FORMAT})  # ours; DeepSpec ignores it
+                 tie_word_embeddings=False,
+                 nanospec={"drafter": cls.kind, "version": FORMAT})  # ours; DeepSpec ignores it
         if "layer_types" in c:
             c["layer_types"] = ["full_attention"] * n
         return c
@@ -149,7 +150,8 @@ class Eagle3(DraftModel):
     def check_checkpoint(cls, config, path):
         if (config.get("architectures") or [None])[0] not in cls.architectures:
             raise ValueError(f"{path}: architectures {config.get('architectures')} is not an Eagle3 checkpoint "
-                             f"of {cls.__name__} (expected one of {list(cls.architectures)}); load it with its own class")
+                             f"of {cls.__name__} (expected one of {list(cls.architectures)}); "
+                             f"load it with its own class")
 
     def set_draft_vocab(self, token_ids, head=None):
         """As DFlash, in increasing order (as EAGLE-3's own files)."""
@@ -179,7 +181,8 @@ class Eagle3(DraftModel):
                 q, key, value = layer.qkv(ek, h, cos, sin)
                 ks[i].append(key)  # this step's keys join the diagonal
                 vs[i].append(value)
-                h = layer.out(h, ttt_attention(q, ks[i], vs[i], layer.self_attn.scale))  # the output feeds the next layer / next step
+                # the output feeds the next layer / next step
+                h = layer.out(h, ttt_attention(q, ks[i], vs[i], layer.self_attn.scale))
             outs.append(h)
         return outs
 

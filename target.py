@@ -447,8 +447,8 @@ def new_drafter(kind, target, config):
     """A fresh drafter of `kind` for `target` (a Target, or its bare HF config: random frozen weights) from a train
     config: every drafter takes the keys of model_dflash.CFG_KEYS and ignores those it does not use."""
     from model_dflash import CFG_KEYS, family
-    hf = getattr(target, "config", target)
-    fam = family({"model_type": getattr(getattr(hf, "text_config", None) or hf, "model_type", "")})
+    hf = getattr(target, "config", target)  # a Target's config, or the bare config (a dict too)
+    fam = family(hf.to_dict() if hasattr(hf, "to_dict") else dict(hf))
     return drafter_classes(fam)[kind].from_target(target, **{k: config[k] for k in CFG_KEYS if k in config})
 
 

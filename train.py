@@ -131,9 +131,10 @@ if resume and ckpt:  # read and checked before any work: a damaged file or anoth
         weights = load_file(os.path.join(ckpt, name := "model.safetensors"), device=str(device))
     except Exception as e:
         raise SystemExit(f"train: {os.path.realpath(ckpt)}/{name} cannot be read ({type(e).__name__}): {fix}") from None
-    diff = [k for k in ["drafter", "target", "target_layer_ids", "num_draft_layers", "draft_vocab_size", "block_size",
-                        "markov_rank", "markov_head_type", "enable_confidence_head"][:{"eagle3": 5, "dflash": 6}.get(
-                            drafter, 9)] if k in was and was[k] != json.loads(json.dumps(config[k]))]  # its shape
+    shape = ["drafter", "target", "target_layer_ids", "num_draft_layers", "draft_vocab_size"] + {  # what the run is
+        "dspark": ["block_size", "markov_rank", "markov_head_type", "enable_confidence_head"], "dflash": ["block_size"],
+        "eagle3": []}[drafter]
+    diff = [k for k in shape if k in was and was[k] != json.loads(json.dumps(config[k]))]
     if diff:
         raise SystemExit(f"train: {out_dir} holds a {was.get('drafter')} run: " + ", ".join(
             f"{k}={was[k]!r} (asked: {config[k]!r})" for k in diff) + "; pass another --out_dir for a new run, or " +
