@@ -60,6 +60,10 @@ def engine_files(d, engine):
             sd["markov_head.markov_w2.weight"] = torch.zeros(V, 1)
             c.update(markov_rank=1, markov_head_type="vanilla", enable_confidence_head=False)
     if d.kind == "eagle3" and engine == "vllm":  # DeepSpec's Eagle3 is vLLM's Qwen3 Eagle3 after a config rewrite
+        if len(d.layers) > 1:
+            refuse(f"its Eagle3 feeds [embed ; hidden] (2H wide) to layer 0 only and the residual stream to later "
+                   f"layers (qwen3_eagle3.py); all {len(d.layers)} layers here are 2H wide: retrain with "
+                   f"num_draft_layers=1 (DeepSpec's Eagle3)")
         ids = c["target_layer_ids"]
         c.update(architectures=["Eagle3Qwen3ForCausalLM"], eagle_aux_hidden_state_layer_ids=[i + 1 for i in ids],
                  num_aux_layers=len(ids), norm_before_residual=False)  # vLLM takes these ids as hidden_states[i]
