@@ -49,7 +49,8 @@ def script_defaults(path):
 # Keys that several scripts declare. Each means the same thing in every script that has it, so a config file
 # sets it once for all; any other key belongs to one script (no name may mean two things: test_config checks).
 SHARED_KEYS = {"target", "target_layer_ids", "cache_dir", "max_len", "min_supervised", "keep_truncated", "checkpoint",
-               "num_drafts", "task", "data_dir", "max_new_tokens", "temperature", "out", "device", "dtype", "seed"}
+               "num_drafts", "task", "data_dir", "max_new_tokens", "temperature", "out", "device", "dtype", "seed",
+               "conf_threshold"}
 
 
 def collisions(defaults_by_script):

@@ -36,7 +36,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from configurator import FRACTION, NON_NEGATIVE, POSITIVE, atomic_path, check_ranges, configure, init_distributed
+from configurator import (FRACTION, NON_NEGATIVE, POSITIVE, Range, atomic_path, check_ranges, configure,
+                          init_distributed)
 from kernels import logits_to_probs
 from metrics import format_table, merge, overall_rates, rates, tally
 from prompts import TASKS, MissingTask, load_task, messages_of  # the nine eval tasks (REFERENCE.md s.8)
@@ -53,6 +54,9 @@ num_prompts = 0           # 0 = DeepSpec's count for the task; N = the first N o
 max_new_tokens = 256      # per turn (DeepSpec: 2048)
 num_drafts = 0            # drafts per round (a tree's depth limit); 0 = the drafter's proposal_length
 tree_budget = 0           # draft tree nodes verified per round (depth <= num_drafts); 0 = a chain of num_drafts
+policy = ""               # "" = the batch-1 loop below; plain|fixed|threshold|scheduled: scheduler.batched_generate
+batch_size = 1            # requests decoded at once (first turns) under `policy` ("fixed" when policy is "")
+conf_threshold = 0.5      # policy=threshold: verify the leading drafts whose calibrated confidence c >= this
 data_dir = ""             # folder of <task>.jsonl; then $NANOSPEC_DATA_DIR, ~/.cache/nanospec/eval, the hub
 out = ""                  # report JSON path ("" = table only); <out>.partial.jsonl makes runs resumable
 save_outputs = False      # add prompt_ids and generated ids to the report
@@ -203,6 +207,22 @@ def _clock(dev):
     return time.perf_counter()
 
 
+def settle(out, kept, bonus, proposed, eos, max_new_tokens):
+    """Commit one verified round to `out` (in place): the kept drafts and the bonus token, cut after an end-of-turn
+    token and at max_new_tokens -> ((proposed, accepted, committed), cut, finished). An EOS among the kept drafts
+    ends the round there: the slots after it do not count (as DeepSpec). cut = tokens accepted past the budget
+    (only the last round can pass it; DeepSpec's accept length counts them)."""
+    emit, accepted = kept + [bonus], len(kept)
+    hit = next((i for i, x in enumerate(emit) if x in eos), None)
+    if hit is not None:
+        emit = emit[:hit + 1]  # stop after the end-of-turn token
+        if hit < accepted:
+            proposed = accepted = hit + 1
+    cut = max(0, len(emit) - (max_new_tokens - len(out)))
+    out += emit[:max_new_tokens - len(out)]
+    return (proposed, accepted, len(emit) - cut), cut, hit is not None or len(out) >= max_new_tokens
+
+
 @torch.no_grad()
 def speculative_generate(target, drafter, prompt_ids, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
                          num_drafts=0, generator=None, tree_budget=0):
@@ -239,21 +259,11 @@ def speculative_generate(target, drafter, prompt_ids, max_new_tokens=256, temper
             n, bonus = verify_chain(logits[0], ids[0, 1:], q, generator=generator, **warp)
             path = list(range(n + 1))
         keep_path(cache, path, ids.shape[1])  # the cache keeps the anchor and the accepted drafts
-        n = len(path) - 1
         tc = _clock(dev)
-        emit = ids[0, path[1:]].tolist() + [bonus]
-        hit = next((i for i, x in enumerate(emit) if x in eos), None)
-        if hit is not None:
-            emit = emit[:hit + 1]  # stop after the end-of-turn token
-        proposed, accepted = depth, n
-        if hit is not None and hit < n:  # EOS was an accepted draft: the slots after it do not count (as DeepSpec)
-            proposed = accepted = hit + 1
-        cut += max(0, len(emit) - (max_new_tokens - len(out)))  # only the last round can pass the budget
-        emit = emit[:max_new_tokens - len(out)]
-        out += emit
-        rounds.append((proposed, accepted, len(emit)))
-        token = bonus
-        if hit is None and len(out) < max_new_tokens:
+        rec, c, done = settle(out, ids[0, path[1:]].tolist(), bonus, depth, eos, max_new_tokens)
+        rounds.append(rec)
+        cut, token = cut + c, bonus
+        if not done:
             drafter.commit(state, ids[0, path], taps[0, path])  # the anchor and accepted drafts now have features
         td = _clock(dev)
         draft_s, verify_s = draft_s + (tb - ta) + (td - tc), verify_s + (tc - tb)
@@ -291,6 +301,15 @@ def check_length(target, ids, max_new_tokens, K, where):
                          f"{ctx}: lower --max_new_tokens, or drop the prompt from a copy of the file in --data_dir")
 
 
+def check_match(rec, plain, out, strict, where):
+    """Count a greedy output `out` equal to plain greedy decoding or not; strict (fp32): a mismatch stops the run."""
+    rec["greedy_checked"], rec["greedy_matched"] = 1, int(plain == out)
+    if strict and plain != out:
+        pos = next((i for i, (a, b) in enumerate(zip(plain, out)) if a != b), min(len(plain), len(out)))
+        raise SystemExit(f"check_greedy: {where}: speculative output differs from plain greedy at new token {pos} "
+                         f"({out[pos:pos + 1]} vs {plain[pos:pos + 1]})")
+
+
 def run_prompt(target, drafter, turn_texts, cfg, K, gen_seed, where="prompt"):
     """All turns of one prompt (turn t+1 sees the speculative answer of turn t) -> a record of counters."""
     strict = cfg["check_greedy"] and target.embed_weight.dtype == torch.float32
@@ -315,12 +334,7 @@ def run_prompt(target, drafter, turn_texts, cfg, K, gen_seed, where="prompt"):
         if cfg["temperature"] == 0 and (cfg["check_greedy"] or cfg["baseline"]):
             if plain is None:
                 plain, _ = plain_generate(target, ids, cfg["max_new_tokens"])
-            rec["greedy_checked"], rec["greedy_matched"] = 1, int(plain == res["ids"])
-            if strict and plain != res["ids"]:
-                pos = next((i for i, (a, b) in enumerate(zip(plain, res["ids"])) if a != b),
-                           min(len(plain), len(res["ids"])))
-                raise SystemExit(f"check_greedy: {where} turn {t + 1}: speculative output differs from plain greedy at "
-                                 f"new token {pos} ({res['ids'][pos:pos + 1]} vs {plain[pos:pos + 1]})")
+            check_match(rec, plain, res["ids"], strict, f"{where} turn {t + 1}")
         rec["ids"], rec["prompt_ids"] = res["ids"], ids.tolist()
         recs.append(rec)
         answer = [x for x in res["ids"] if x not in target.eos_token_ids]
@@ -353,7 +367,14 @@ def warmup(target, drafter, ids, cfg, K, tokens=8):
 if __name__ == "__main__":
     check_ranges("evaluate", config, {
         **dict.fromkeys(("temperature", "top_k", "num_prompts", "num_drafts", "tree_budget", "turns"), NON_NEGATIVE),
-        "top_p": FRACTION, "max_new_tokens": POSITIVE})
+        "top_p": FRACTION, "max_new_tokens": POSITIVE, "batch_size": POSITIVE,
+        "conf_threshold": Range(lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "policy": Range(lambda v: v in ("", "plain", "fixed", "threshold", "scheduled"),
+                        "one of plain, fixed, threshold, scheduled (or '' for the batch-1 loop)")})
+    batched = bool(policy) or batch_size > 1  # scheduler.batched_generate: R requests, a verify policy
+    policy = config["policy"] = policy or ("fixed" if batched else "")
+    if batched and prompt:
+        raise SystemExit("evaluate: --prompt decodes one prompt with the batch-1 loop: drop --policy/--batch_size")
     rank, world, device = init_distributed(device)  # torchrun: prompts split across ranks, one report on rank 0
     ddp = dist.is_initialized()
     config["device"] = device
@@ -373,6 +394,8 @@ if __name__ == "__main__":
                     raise SystemExit(str(e)) from None
                 if rank == 0:
                     print(f"evaluate: skipping {e}")
+        if batched and turns != 1 and any(len(t) > 1 for rows in prompts.values() for t in rows):
+            raise SystemExit("evaluate: batched decoding (--policy/--batch_size) decodes first turns only: add --turns=1")
         if not any(prompts.values()):
             raise SystemExit(f"evaluate: no prompts to decode for --task={task} (task files missing or empty): put "
                              f"<task>.jsonl files in --data_dir (or $NANOSPEC_DATA_DIR)")
@@ -384,6 +407,12 @@ if __name__ == "__main__":
         print(f"evaluate: target {tgt.name} ({len(tgt.layers)} layers, taps {tgt.layer_ids}), drafter "
               f"{type(drafter).__name__} from {draft_path}, " + (f"trees of {tree_budget} nodes (depth <= {K})"
               if tree_budget else f"{K} drafts") + f" per round, {dtype} on {device}")
+
+    sched = {}
+    if batched:  # the policy's inputs (calibration, SPS profile) before any decoding
+        import scheduler
+        sched = scheduler.policy_inputs(tgt, drafter, draft_path, policy, batch_size, K, tree_budget, dtype,
+                                        conf_threshold)
 
     # --- single prompt mode -----------------------------------------------------
     if prompt:
@@ -437,19 +466,29 @@ if __name__ == "__main__":
 
     # --- decode -----------------------------------------------------------------
     fd = os.open(partial, os.O_WRONLY | os.O_APPEND) if partial else None
-    mine = []
-    if todo[rank::world]:  # untimed: one-time costs must not land on the first timed prompt
-        name, i = todo[rank::world][0]
+    mine, seed_of = [], lambda name, i: seed * 1_000_003 + zlib.crc32(f"{name}/{i}".encode()) * 16  # any world size
+    mytodo = todo[rank::world]
+    groups = [mytodo[j:j + batch_size] for j in range(0, len(mytodo), batch_size)]
+
+    def decode(group, cfg):  # a group of (task, index) -> one record per prompt
+        if batched:  # first turns, together
+            return scheduler.run_batch(tgt, drafter, [prompts[n][i][0] for n, i in group], cfg, K,
+                                       [seed_of(n, i) for n, i in group], sched, [f"{n}[{i}]" for n, i in group])
+        return [run_prompt(tgt, drafter, prompts[n][i], cfg, K, seed_of(n, i), where=f"{n}[{i}]") for n, i in group]
+    if groups and batched:  # untimed: one-time costs must not land on the first timed prompt
+        decode(groups[0], dict(config, max_new_tokens=8, check_greedy=False))
+    elif groups:
+        name, i = groups[0][0]
         warmup(tgt, drafter, tgt.render_prompt(messages_of(prompts[name][i][0])), config, K)
-    for name, i in tqdm(todo[rank::world], desc="prompts", disable=rank != 0, dynamic_ncols=True):
-        gen_seed = seed * 1_000_003 + zlib.crc32(f"{name}/{i}".encode()) * 16  # per prompt: same on any world size
-        rec = run_prompt(tgt, drafter, prompts[name][i], config, K, gen_seed, where=f"{name}[{i}]")
-        rec.update(task=name, index=i, prompt_key=prompt_key(prompts[name][i]))
-        if not save_outputs:
-            del rec["outputs"], rec["prompt_ids"]
-        mine.append(rec)
-        if fd is not None:
-            os.write(fd, (json.dumps(rec) + "\n").encode())  # one write per line: appends from ranks never interleave
+    for group in tqdm(groups, desc="prompts" if batch_size == 1 else f"batches of {batch_size}", disable=rank != 0,
+                      dynamic_ncols=True):
+        for (name, i), rec in zip(group, decode(group, config)):
+            rec.update(task=name, index=i, prompt_key=prompt_key(prompts[name][i]))
+            if not save_outputs:
+                del rec["outputs"], rec["prompt_ids"]
+            mine.append(rec)
+            if fd is not None:
+                os.write(fd, (json.dumps(rec) + "\n").encode())  # one write per line: appends never interleave
     if fd is not None:
         os.close(fd)
     if ddp:

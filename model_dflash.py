@@ -547,7 +547,9 @@ class DFlash(DraftModel):
         stop_ids is accepted and ignored: the block is drafted in one forward and DeepSpec verifies it whole."""
         if not 1 <= k <= self.block_size:
             raise ValueError(f"propose: k={k} must lie in [1, block_size={self.block_size}]")
-        h, U = self._block(state, anchor, k)
+        return self._chain(*self._block(state, anchor, k), anchor, k, temperature, top_k, top_p, generator)
+
+    def _chain(self, h, U, anchor, k, temperature, top_k, top_p, generator):
         toks, probs, conf = [int(anchor)], [], []
         for _ in range(k):
             p = kernels.logits_to_probs(self.slot_logits(h, U, toks), temperature, top_k, top_p)  # [Vd]
@@ -557,6 +559,23 @@ class DFlash(DraftModel):
             probs.append(self.to_full(p))
         conf = None if conf[0] is None else torch.stack(conf)
         return torch.tensor(toks[1:], device=h.device), torch.stack(probs), conf
+
+    @torch.no_grad()
+    def propose_batch(self, states, anchors, k, temperature=0.0, top_k=0, top_p=1.0, generators=None):
+        """propose for R requests with ONE backbone forward: every block sees its own request's context only
+        (the mask of block_hidden) -> [(drafts, probs, conf)] per request, each as propose would return."""
+        dev, K, R = self.fc.weight.device, self.block_size, len(states)
+        ctx = [tuple(torch.cat([s["kv"][i][j] for s in states]) for j in (0, 1)) for i in range(len(self.layers))]
+        lens = torch.tensor([s["len"] for s in states], device=dev)
+        owner, qreq = torch.arange(R, device=dev).repeat_interleave(lens), torch.arange(R, device=dev).repeat_interleave(K)
+        ids = torch.full((R, K), self.mask_token_id, dtype=torch.long, device=dev)
+        ids[:, 0] = torch.as_tensor(anchors, device=dev)
+        mask = torch.cat([owner[None] == qreq[:, None], qreq[:, None] == qreq[None]], 1)  # [R*K, S+R*K]
+        h = self.backbone(ids.flatten(), (lens[:, None] + torch.arange(K, device=dev)).flatten(), ctx, mask)
+        h = h.view(R, K, -1)
+        U = self.cap(h[:, :k] @ self.lm_head.weight.T)  # [R, k, Vd]
+        gens = generators or [None] * R
+        return [self._chain(h[r], U[r], anchors[r], k, temperature, top_k, top_p, gens[r]) for r in range(R)]
 
     @torch.no_grad()
     def next_probs(self, state, anchor, paths, temperature=0.0, top_k=0, top_p=1.0):

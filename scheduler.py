@@ -18,9 +18,11 @@ import re
 
 import torch
 from tqdm import tqdm
+from transformers import DynamicCache
 
 from configurator import NON_NEGATIVE, POSITIVE, Range, atomic_path, check_ranges, configure
-from evaluate import _clock, speculative_generate
+from evaluate import _clock, check_match, sample_token, settle, speculative_generate, verify_chain
+from metrics import tally
 from prompts import load_task, messages_of
 from target import load
 
@@ -45,6 +47,8 @@ sps_repeats = 3           # timed forwards per batch size (median), after one wa
 concurrency = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 conf_threshold = 0.5      # static-threshold baseline: verify leading slots while c >= threshold
 sim_steps = 500           # simulated verify steps per (R, policy)
+measure = [1, 2, 4, 8, 16]  # R decoded for real (batched_generate, wall clock) on the held-out prompts; [] = none
+fixed_lengths = []        # also measure fixed chains of these lengths at R = 1 (the best fixed chain vs scheduled)
 out = ""                  # report JSON path ("" = tables only)
 if __name__ == "__main__":  # not on import: tests import the functions
     config = configure(globals())
@@ -262,6 +266,151 @@ def threshold_lengths(conf, threshold):
 
 
 # -----------------------------------------------------------------------------
+# batched speculative decoding of R requests: the policies run for real, on the wall clock
+#
+# A round: ONE drafter forward drafts K tokens for every running request (propose_batch), the policy picks how
+# many of them each request verifies (l_r), ONE target forward verifies every request's [anchor, d_1..d_lr]
+# (rows padded to the longest; each token sees its own request's cache and its own earlier tokens), then each
+# request keeps its accepted prefix and bonus exactly as evaluate.speculative_generate does. Verifying the
+# first l_r drafts is the chain rule on a shorter proposal, so it stays lossless as long as "l_r >= j" never
+# depends on the draft x_rj itself: fixed and plain lengths are constants, the threshold reads c_r1..c_rj, and
+# Algorithm 1's early stop reads a_r1..a_rj (and other requests' scores), all computed before x_rj is drawn.
+
+POLICIES = ("plain", "fixed", "threshold", "scheduled")
+
+
+def verify_lengths(policy, conf, K, sps=None, temps=None, threshold=0.5):
+    """Drafts each request verifies: plain 0, fixed K; threshold / scheduled on the calibrated c [R, K]."""
+    if policy in ("plain", "fixed"):
+        return [K if policy == "fixed" else 0] * len(conf)
+    c = calibrate(conf, temps)
+    return threshold_lengths(c, threshold) if policy == "threshold" else schedule(c, sps)
+
+
+def _rows(cache, idx, n):
+    """Keep the batch rows idx (finished requests leave) and the first n positions of every cache layer."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[idx, :, :n], layer.values[idx, :, :n]
+
+
+@torch.no_grad()
+def batched_generate(target, drafter, prompts, max_new_tokens=256, policy="fixed", num_drafts=0, temperature=0.0,
+                     top_k=0, top_p=1.0, generators=None, sps=None, temps=None, threshold=0.5):
+    """prompts: R id tensors [T_r] -> (per request dict(ids, rounds, cut, verified, proposed), dict(total_s, draft_s,
+    verify_s) of the whole batch; prefills count in total_s only).
+    ids are exactly plain decoding's at temperature 0 and follow the target's law above it (per request, with
+    its own generator); rounds as speculative_generate's; policy "plain" = batched target-only decoding."""
+    K = num_drafts or drafter.proposal_length if policy != "plain" else 1
+    if policy in ("threshold", "scheduled") and not drafter.has_confidence:
+        raise SystemExit(f"scheduler: policy {policy} needs a DSpark drafter with a confidence head")
+    eos, dev, R = target.eos_token_ids, target.device, len(prompts)
+    warp, gens = dict(temperature=temperature, top_k=top_k, top_p=top_p), generators or [None] * R
+    t0 = _clock(dev)
+    caches, states, res = [], [], [dict(ids=[], rounds=[], cut=0, verified=0, proposed=0) for _ in range(R)]
+    for r, ids in enumerate(prompts):  # prefill one by one (ragged lengths), then one padded batch cache
+        logits, taps, c = target.forward(ids[None].to(dev), logits_to_keep=1)
+        res[r]["ids"].append(sample_token(logits[0, -1], generator=gens[r], **warp))
+        caches.append(c)
+        states.append(drafter.start(ids.to(dev), taps[0]) if policy != "plain" else None)
+    lens = [len(p) for p in prompts]
+    pad = lambda x, n: torch.nn.functional.pad(x, (0, 0, 0, max(lens) - n))
+    cache = DynamicCache(ddp_cache_data=[tuple(torch.cat([pad(getattr(c.layers[i], kv), n) for c, n in
+                                                          zip(caches, lens)]) for kv in ("keys", "values"))
+                                         for i in range(len(caches[0].layers))])
+    act = [r for r in range(R) if res[r]["ids"][-1] not in eos and max_new_tokens > 1]
+    _rows(cache, torch.tensor(act, dtype=torch.long), max(lens))
+    draft_s = verify_s = 0.0
+    while act:
+        ta = _clock(dev)
+        anchors, A = [res[r]["ids"][-1] for r in act], len(act)
+        if policy == "plain":
+            props = [(torch.zeros(0, dtype=torch.long), torch.zeros(0, 1), None)] * A
+        elif hasattr(drafter, "propose_batch"):  # DFlash/DSpark: one block forward for all requests
+            props = drafter.propose_batch([states[r] for r in act], anchors, K, generators=[gens[r] for r in act],
+                                          **warp)
+        else:  # Eagle3 drafts autoregressively, request by request
+            props = [drafter.propose(states[r], a, K, generator=gens[r], stop_ids=eos, **warp)
+                     for r, a in zip(act, anchors)]
+        conf = torch.stack([c for _, _, c in props]) if policy in ("threshold", "scheduled") else torch.zeros(A, K)
+        L = [min(n, len(d)) for n, (d, _, _) in zip(verify_lengths(policy, conf, K, sps, temps, threshold), props)]
+        M, P = 1 + max(L), cache.get_seq_length()
+        ids = torch.tensor([[a, *d[:n].tolist()] + [a] * (M - 1 - n) for a, (d, _, _), n in zip(anchors, props, L)])
+        base = torch.tensor([lens[r] for r in act])
+        qpos = base[:, None] + torch.arange(M)  # [A, M]: each request's own positions
+        kpos = torch.cat([torch.arange(P).expand(A, P), qpos], 1)
+        see = torch.cat([(torch.arange(P) < base[:, None, None]).expand(A, M, P),  # own cache (rows are padded)
+                         torch.ones(M, M, dtype=torch.bool).tril().expand(A, M, M)], 2)  # own earlier tokens
+        tb = _clock(dev)
+        logits, taps, cache = target.forward(ids.to(dev), cache, position_ids=qpos.to(dev),
+                                             ragged=tuple(x.to(dev) for x in (see, qpos, kpos)))
+        tc = _clock(dev)
+        keep = []
+        for i, (r, n) in enumerate(zip(act, L)):
+            d, q, _ = props[i]
+            n_acc, bonus = verify_chain(logits[i, :n + 1], ids[i, 1:n + 1].to(dev), q[:n], generator=gens[r], **warp)
+            for layer in cache.layers:  # the anchor and the kept drafts move next to the request's cache
+                for t in (layer.keys, layer.values):
+                    t[i, :, lens[r]:lens[r] + n_acc + 1] = t[i, :, P:P + n_acc + 1].clone()
+            rec, c, done = settle(res[r]["ids"], ids[i, 1:n_acc + 1].tolist(), bonus, n, eos, max_new_tokens)
+            res[r]["rounds"].append(rec)
+            res[r]["cut"] += c
+            res[r]["verified"] += n
+            res[r]["proposed"] += len(d)
+            lens[r] += n_acc + 1
+            if not done:
+                keep.append(i)
+                if policy != "plain":
+                    drafter.commit(states[r], ids[i, :n_acc + 1].to(dev), taps[i, :n_acc + 1])
+        act = [act[i] for i in keep]
+        _rows(cache, torch.tensor(keep, dtype=torch.long), max([lens[r] for r in act], default=0))
+        draft_s, verify_s = draft_s + (tb - ta) + (_clock(dev) - tc), verify_s + (tc - tb)
+    return res, dict(total_s=_clock(dev) - t0, draft_s=draft_s, verify_s=verify_s)
+
+
+def policy_inputs(target, drafter, draft_path, policy, batch_size, K, tree_budget=0, dtype="float32", threshold=0.5):
+    """What a policy needs, checked before any decoding -> dict(sps, temps, threshold) for batched_generate."""
+    if tree_budget:
+        raise SystemExit("evaluate: batched decoding verifies chains: drop --tree_budget (or --policy/--batch_size)")
+    if policy in ("threshold", "scheduled"):
+        if not drafter.has_confidence:
+            raise SystemExit(f"evaluate: --policy={policy} needs a DSpark drafter with a confidence head; "
+                             f"{type(drafter).__name__} from {draft_path} has none: use --policy=fixed")
+        temps = load_calibration(draft_path)
+        if temps is None:
+            raise SystemExit(f"evaluate: --policy={policy} reads calibrated confidences and {draft_path} has no "
+                             f"calibration.json: run python scheduler.py --checkpoint={draft_path} first")
+        if len(temps) < K:
+            raise SystemExit(f"evaluate: {draft_path}/calibration.json has {len(temps)} temperatures for {K} drafts: "
+                             f"pass --num_drafts={len(temps)} or recalibrate with --num_drafts={K}")
+        sps = sps_lookup(engine_profile(target, batch_size * (K + 1), dtype=dtype)[0]) if policy == "scheduled" else None
+        return dict(sps=sps, temps=temps, threshold=threshold)
+    return {}
+
+
+def run_batch(target, drafter, texts, cfg, K, seeds, sched, where):
+    """First turns `texts` of R prompts decoded together under cfg["policy"] -> one record per prompt, as
+    evaluate.run_prompt's (the batch's times shared equally: the pooled tokens/s is the aggregate throughput).
+    Baseline: plain batched decoding of the same R prompts; greedy outputs are checked against it."""
+    warp, n = {k: cfg[k] for k in ("temperature", "top_k", "top_p")}, cfg["max_new_tokens"]
+    ids, R, dev = [target.render_prompt(messages_of(t)) for t in texts], len(texts), target.device
+    gens = lambda off: [torch.Generator(dev).manual_seed(s + off) for s in seeds]
+    res, tm = batched_generate(target, drafter, ids, n, cfg["policy"], K, generators=gens(0), **warp, **sched)
+    recs = [dict(tally(r["rounds"], K, r["cut"]), new_tokens=len(r["ids"]), spec_s=tm["total_s"] / R,
+                 draft_s=tm["draft_s"] / R, verify_s=tm["verify_s"] / R, turns=1, prompts=1, prompt_ids=p.tolist(),
+                 outputs=[r["ids"]]) for r, p in zip(res, ids)]
+    greedy = cfg["temperature"] == 0 and (cfg["check_greedy"] or cfg["baseline"])
+    if cfg["baseline"] or greedy:
+        plain, tp = batched_generate(target, None, ids, n, "plain", generators=gens(7919), **warp)
+        for rec, p, w in zip(recs, plain, where):
+            if cfg["baseline"]:
+                rec.update(base_s=tp["total_s"] / R, base_tokens=len(p["ids"]))
+            if greedy:
+                check_match(rec, p["ids"], rec["outputs"][0], cfg["check_greedy"] and
+                            target.embed_weight.dtype == torch.float32, w)
+    return recs
+
+
+# -----------------------------------------------------------------------------
 # traces (batch 1, real drafter) and the concurrency simulator
 
 def record_trace(target, drafter, prompt_ids, max_new_tokens, K, temperature=0.0, generator=None):
@@ -304,13 +453,17 @@ if __name__ == "__main__":
         **dict.fromkeys(("calib_prompts", "heldout_prompts", "num_drafts", "temperature"), NON_NEGATIVE),
         **dict.fromkeys(("max_new_tokens", "sts_grid", "ece_bins", "sps_repeats", "sim_steps"), POSITIVE),
         "sps_context": NON_NEGATIVE, "conf_threshold": Range(lambda v: 0 <= v <= 1, "in [0, 1]"),
-        "concurrency": Range(lambda v: len(v) > 0 and min(v) >= 1, "a non-empty list of integers >= 1")})
+        "concurrency": Range(lambda v: len(v) > 0 and min(v) >= 1, "a non-empty list of integers >= 1"),
+        "measure": Range(lambda v: not v or min(v) >= 1, "a list of integers >= 1"),
+        "fixed_lengths": Range(lambda v: not v or min(v) >= 1, "a list of integers >= 1")})
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
 
     # --- models and traces --------------------------------------------------------
     tgt, drafter, draft_path = load(checkpoint, target, dtype, device)
     K = num_drafts or drafter.proposal_length
+    if max(fixed_lengths, default=1) > drafter.proposal_length:
+        raise SystemExit(f"scheduler: fixed_lengths {fixed_lengths}: at most {drafter.proposal_length} drafts per block")
     rows = load_task(task, data_dir, calib_prompts + heldout_prompts if heldout_prompts else 0)
     if len(rows) <= calib_prompts:
         raise SystemExit(f"scheduler: {task} has {len(rows)} prompts, none left after calib_prompts={calib_prompts}")
@@ -335,15 +488,18 @@ if __name__ == "__main__":
               f"{100 * r['ece_before']:>8.1f}%{100 * r['ece_after']:>8.1f}%{f(r['auroc_before']):>9}"
               f"{f(r['auroc_after']):>9}")
     if calib_prompts:  # the temperatures travel with the drafter
+        mean = lambda key: sum(r[key] for r in cal_rows) / len(cal_rows)  # SGLang's fields: dataset .. ece_after
         write_json(os.path.join(draft_path, "calibration.json"), dict(
             format="nanospec-calibration", version=1, method="sequential temperature scaling (DSpark s.3.2.1)",
-            temperatures=temps, task=task, prompts=calib_prompts, sampling_temperature=temperature, heldout=cal_rows))
+            temperatures=temps, dataset=task, num_samples=sum(len(t) for t in traces[:calib_prompts]),
+            ece_before=mean("ece_before"), ece_after=mean("ece_after"), prompts=calib_prompts,
+            sampling_temperature=temperature, heldout=cal_rows))
         png = reliability_diagram(os.path.join(draft_path, "reliability.png"), conf, acc, temps, ece_bins)
         print(f"scheduler: wrote {draft_path}/calibration.json" + (" and reliability.png (red raw, blue STS, gray "
               "rounds)" if png else "; no reliability.png: `pip install matplotlib` for the picture"))
 
     # --- engine profile ------------------------------------------------------------------
-    max_batch = max(concurrency) * (K + 1)
+    max_batch = max(concurrency + measure) * (K + 1)
     table, sps_rec, sps_path = engine_profile(tgt, max_batch, sps_file, sps_context, sps_repeats, dtype)
     sps = sps_lookup(table)
     print(f"\nSPS(B) from {sps_path} (target steps/s, monotone-cleaned): " +
@@ -353,7 +509,7 @@ if __name__ == "__main__":
     cal = calibrate(conf, temps)
     policies = {"plain": cal, "fixed": cal, "threshold": cal, "scheduled": cal, "sched-raw": conf}
     sim = {R: {p: simulate(c, acc, sps, R, p.replace("sched-raw", "scheduled"), sim_steps, conf_threshold)
-               for p, c in policies.items()} for R in concurrency}
+               for p, c in policies.items()} for R in sorted(set(concurrency + measure))}
     print(f"\nSIMULATED (trace replay of {len(conf)} recorded rounds against SPS(B); drafting time not counted): "
           f"aggregate tokens/s | per-request tokens/s | mean drafts verified per request; threshold "
           f"{conf_threshold} on calibrated c; sched-raw = Algorithm 1 on uncalibrated c")
@@ -361,7 +517,36 @@ if __name__ == "__main__":
     for R, res in sim.items():
         print(f"{R:>5}" + "".join(f"{r['tokens_per_s']:>11.1f} {r['per_request_tokens_per_s']:>7.2f} "
                                   f"{r['mean_len']:>4.1f}" for r in res.values()))
+    # --- measured concurrency: the same held-out prompts decoded for real, R at a time ------------------------
+    held = [tgt.render_prompt(messages_of(turns[0])) for turns in rows[calib_prompts:]]
+    runs = [(R, p, K) for R in measure for p in POLICIES] + [(1, "fixed", k) for k in fixed_lengths]
+
+    def decode_all(R, policy, k, n=max_new_tokens, prompts=held):
+        tokens = secs = verified = rounds = committed = 0
+        for j in range(0, len(prompts), R):
+            gens = [torch.Generator(tgt.device).manual_seed(seed * 1_000_003 + j + r) for r in range(R)]
+            res, tm = batched_generate(tgt, drafter, prompts[j:j + R], n, policy, k, temperature, generators=gens,
+                                       sps=sps, temps=temps, threshold=conf_threshold)
+            tokens, secs = tokens + sum(len(r["ids"]) for r in res), secs + tm["total_s"]
+            verified, rounds = verified + sum(r["verified"] for r in res), rounds + sum(len(r["rounds"]) for r in res)
+            committed += sum(c for r in res for _, _, c in r["rounds"])  # tau: per verify round, bonus included
+        return dict(tokens_per_s=tokens / secs, mean_len=verified / max(rounds, 1), tau=committed / max(rounds, 1))
+    for p in POLICIES if runs else ():  # untimed warm-up of every path
+        decode_all(min(measure or [1]), p, K, 8, held[:min(measure or [1])])
+    measured = [dict(R=R, policy=p, drafts=k, **decode_all(R, p, k))
+                for R, p, k in tqdm(runs, desc="measured", dynamic_ncols=True)]
+    if measured:
+        print(f"\nMEASURED (batched_generate, wall clock, drafting included; {len(held)} held-out prompts of {task}, "
+              f"{max_new_tokens} new tokens, temperature {temperature}): aggregate tokens/s | tau | mean drafts "
+              f"verified per request; (simulated tokens/s for the same R, table above)")
+        print(f"{'R':>5}" + "".join(f"{p:>28}" for p in POLICIES))
+        for R in measure:
+            row = {m["policy"]: m for m in measured if m["R"] == R and m["drafts"] == K}
+            print(f"{R:>5}" + "".join(f"{row[p]['tokens_per_s']:>9.1f} {row[p]['tau']:>4.2f} {row[p]['mean_len']:>4.1f} "
+                                      f"({sim[R][p]['tokens_per_s']:>7.1f})" for p in POLICIES))
+        for m in measured[len(measure) * len(POLICIES):]:
+            print(f"R=1, fixed chains of {m['drafts']}: {m['tokens_per_s']:.1f} tokens/s, tau {m['tau']:.2f}")
     if out:
         write_json(out, dict(config=config, calibration=dict(temperatures=temps, heldout=cal_rows),
-                             sps=dict(path=sps_path, measured=sps_rec["measured"]), simulated=sim))
+                             sps=dict(path=sps_path, measured=sps_rec["measured"]), simulated=sim, measured=measured))
         print(f"scheduler: report written to {out}")

@@ -183,8 +183,20 @@ def smollm2_folder(verbose=True):
 # with the mask HF builds for it); with tree= (an extra keyword of model(...), passed down to every attention
 # call) it runs kernels.tree_attention: the N tree tokens see the cached prefix and their own ancestors.
 
-def nanospec_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, tree=None, **kwargs):
-    """query [1,Hq,Q,D], key/value [1,Hkv,P+Q,D] -> ([1,Q,Hq,D], None); tree [Q,Q] ancestor matrix or None."""
+def nanospec_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, tree=None,
+                       ragged=None, **kwargs):
+    """query [B,Hq,Q,D], key/value [B,Hkv,P+Q,D] -> ([B,Q,Hq,D], None); tree [Q,Q] ancestor matrix or None (B = 1);
+    ragged = (see [B,Q,P+Q] bool, query positions [B,Q], key positions [B,P+Q]): each row's own mask (batched)."""
+    if ragged is not None:
+        see, qpos, kpos = ragged
+        if kwargs.get("softcap"):
+            raise NotImplementedError("batched verification: no attention-logit soft-capping (Gemma 2)")
+        if kwargs.get("sliding_window"):  # a key is seen iff q_pos - k_pos < window, as in HF
+            see = see & (qpos[:, :, None] - kpos[:, None, :] < kwargs["sliding_window"])
+        g = query.shape[1] // key.shape[1]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key.repeat_interleave(g, 1), value.repeat_interleave(g, 1), attn_mask=see[:, None], scale=scaling)
+        return out.transpose(1, 2), None
     if tree is None:
         base = module.config._attn_implementation.removeprefix("nanospec_")
         fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward") if base == "eager" \
@@ -284,6 +296,8 @@ class Target:
             if position_ids is None:  # depth_i = tree[i].sum() - 1
                 position_ids = (cache.get_seq_length() + tree.sum(-1) - 1)[None].to(self.device)
             kwargs["tree"] = tree.to(self.device)
+        if "ragged" in kwargs:
+            register_attention(self.model)
         self._taps = {}
         out = self.model(input_ids=input_ids.to(self.device), cache=cache, position_ids=position_ids,
                          attention_mask=attention_mask, use_cache=True, **kwargs)

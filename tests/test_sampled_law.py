@@ -229,7 +229,7 @@ MUTATIONS = {  # name -> (evaluate function, line fragment, its broken version)
                              "sample_token(logits[path[-1]], temperature, 0, 1.0, generator)"),
     "drafter unwarped": ("speculative_generate", "stop_ids=eos, **warp)", "stop_ids=eos, temperature=temperature)"),
     "tree path not gathered": ("keep_path", "if path != list(range(len(path))):", "if False:"),
-    "tokens after EOS kept": ("speculative_generate", "emit = emit[:hit + 1]", "pass"),
+    "tokens after EOS kept": ("settle", "emit = emit[:hit + 1]", "pass"),
 }
 
 
