@@ -199,6 +199,9 @@ def atomic_path(path):
         if os.path.isfile(tmp):
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())  # the data is on disk before the name points at it
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)  # as open() would create it (safetensors' writer makes 0600 files)
         os.replace(tmp, path)
     finally:
         if os.path.lexists(tmp):

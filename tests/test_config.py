@@ -1,5 +1,8 @@
 """configurator.py: literals < config file < command line, and every bad input named clearly."""
+import os
+
 import pytest
+import torch
 
 import configurator
 from configurator import configure
@@ -94,3 +97,18 @@ def test_no_config_key_means_two_things(monkeypatch):
     problems = configurator.collisions(old)
     assert any(p.startswith("num_prompts is declared by build_cache.py, evaluate.py") for p in problems)
     assert any(p.startswith("draft (evaluate.py) and drafter (train.py)") for p in problems)
+
+
+def test_atomic_path_files_are_readable_like_open(tmp_path):
+    """A file written through atomic_path gets the mode open() gives (0666 & ~umask), even when the writer made it
+    private: safetensors' save_file creates 0600 files, which a serving engine under another user could not read."""
+    from safetensors.torch import save_file
+
+    from configurator import atomic_path
+    with open(tmp_path / "plain", "w"):
+        pass
+    want = os.stat(tmp_path / "plain").st_mode & 0o777
+    with atomic_path(str(tmp_path / "w.safetensors")) as tmp:
+        save_file({"x": torch.zeros(1)}, tmp)
+        assert os.stat(tmp).st_mode & 0o777 == 0o600  # the writer's own mode: the guard below has work to do
+    assert os.stat(tmp_path / "w.safetensors").st_mode & 0o777 == want
