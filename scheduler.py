@@ -467,6 +467,9 @@ if __name__ == "__main__":
     rows = load_task(task, data_dir, calib_prompts + heldout_prompts if heldout_prompts else 0)
     if len(rows) <= calib_prompts:
         raise SystemExit(f"scheduler: {task} has {len(rows)} prompts, none left after calib_prompts={calib_prompts}")
+    if max(measure, default=1) > len(rows) - calib_prompts:
+        raise SystemExit(f"scheduler: measuring R={max(measure)} needs as many held-out prompts, {task} leaves "
+                         f"{len(rows) - calib_prompts}: raise --heldout_prompts or drop R from --measure")
     print(f"scheduler: target {tgt.name}, drafter {draft_path}, K={K}, {len(rows)} prompts of {task} "
           f"({calib_prompts} for STS), temperature {temperature}, {dtype} on {device}")
     traces = [record_trace(tgt, drafter, tgt.render_prompt(messages_of(turns[0])), max_new_tokens, K, temperature,

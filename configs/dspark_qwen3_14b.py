@@ -2,6 +2,10 @@
 #   python build_cache.py configs/dspark_qwen3_14b.py                 # answers (+ features for offline mode)
 #   torchrun --nproc_per_node=8 train.py configs/dspark_qwen3_14b.py
 #   python evaluate.py configs/dspark_qwen3_14b.py --checkpoint=out/dspark_qwen3_14b/step_latest --task=all
+#   python scheduler.py configs/dspark_qwen3_14b.py --checkpoint=out/dspark_qwen3_14b/step_latest --task=mt-bench \
+#       --calib_prompts=64 --heldout_prompts=64 --measure=[1,4,16,64] --device=cuda --dtype=bfloat16  # STS (SGLang reads it)
+#   torchrun --nproc_per_node=8 evaluate.py configs/dspark_qwen3_14b.py --checkpoint=out/dspark_qwen3_14b/step_latest \
+#       --task=all --policy=scheduled --batch_size=16 --device=cuda --dtype=bfloat16  # Algorithm 1, 16 requests per GPU
 # Unset, as train.py's defaults are DeepSpec's (REFERENCE.md s.7): dspark, 5 layers, block 7, 512 anchors, Markov
 # rank 256, confidence head; AdamW 6e-4, 512 sequences per step, 10 epochs, max_len 4096. data_mode stays "online"
 # (the target runs inside train.py; "offline" reads build_cache.py's features).
