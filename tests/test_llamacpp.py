@@ -18,15 +18,21 @@ if not os.path.exists(BIN) or not os.path.exists(PY):
                 allow_module_level=True)
 
 
-@pytest.mark.parametrize("kind", ["shipped", "dspark", "dflash"])
+@pytest.mark.parametrize("kind", ["shipped", "dspark", "dflash", "dspark-reduced"])
 def test_drafters_convert_and_draft_in_llama_cpp(tmp_path, kind):
-    """The shipped drafter (format 1, reduced vocabulary), and fresh full-vocabulary DSpark and DFlash drafters
-    (format 2, as train.py saves them): export, llama.cpp's converter, its draft-dspark speculative decoding."""
+    """The shipped drafter (format 1, reduced vocabulary), fresh full-vocabulary DSpark and DFlash drafters and a
+    reduced-vocabulary DSpark as the demo trains it (format 2, as train.py saves them): export, llama.cpp's converter,
+    its draft-dspark speculative decoding."""
     from target import load_target, new_drafter, smollm2_gguf_path
     ckpt = "drafters/smollm2_dspark"
     if kind != "shipped":  # untrained: only the file format and the engine's path are under test
-        ckpt = str(tmp_path / kind)
-        new_drafter(kind, load_target("smollm2"), {"num_draft_layers": 1, "markov_rank": 64}).save_pretrained(ckpt)
+        ckpt, t = str(tmp_path / kind), load_target("smollm2")
+        vocab = list(range(1000, 1512)) if kind.endswith("reduced") else None
+        d = new_drafter(kind.split("-")[0], t, {"num_draft_layers": 1, "markov_rank": 64,
+                                                "draft_vocab_size": len(vocab or [])})
+        if vocab:
+            d.set_draft_vocab(vocab, t.lm_head_weight)
+        d.save_pretrained(ckpt)
     out = tmp_path / "gguf"
     p = subprocess.run([sys.executable, "export.py", f"--checkpoint={ckpt}", "--engine=llama.cpp", "--target=smollm2",
                         f"--export_dir={out}", f"--llama_cpp={LLAMA}", f"--converter_python={PY}"],
