@@ -522,22 +522,27 @@ if __name__ == "__main__":
                                   f"{r['mean_len']:>4.1f}" for r in res.values()))
     # --- measured concurrency: the same held-out prompts decoded for real, R at a time ------------------------
     held = [tgt.render_prompt(messages_of(turns[0])) for turns in rows[calib_prompts:]]
-    runs = [(R, p, K) for R in measure for p in POLICIES] + [(1, "fixed", k) for k in fixed_lengths]
+    runs, acc = list(dict.fromkeys([(R, p, K) for R in measure for p in POLICIES] +
+                                   [(1, "fixed", k) for k in fixed_lengths])), {}
 
-    def decode_all(R, policy, k, n=max_new_tokens, prompts=held):
-        tokens = secs = verified = rounds = committed = 0
-        for j in range(0, len(prompts), R):
-            gens = [torch.Generator(tgt.device).manual_seed(seed * 1_000_003 + j + r) for r in range(R)]
-            res, tm = batched_generate(tgt, drafter, prompts[j:j + R], n, policy, k, temperature, generators=gens,
-                                       sps=sps, temps=temps, threshold=conf_threshold)
-            tokens, secs = tokens + sum(len(r["ids"]) for r in res), secs + tm["total_s"]
-            verified, rounds = verified + sum(r["verified"] for r in res), rounds + sum(len(r["rounds"]) for r in res)
-            committed += sum(c for r in res for _, _, c in r["rounds"])  # tau: per verify round, bonus included
-        return dict(tokens_per_s=tokens / secs, mean_len=verified / max(rounds, 1), tau=committed / max(rounds, 1))
+    def decode(R, policy, k, j, n=max_new_tokens, prompts=held):  # prompts j..j+R-1 together, into acc
+        gens = [torch.Generator(tgt.device).manual_seed(seed * 1_000_003 + j + r) for r in range(R)]
+        res, tm = batched_generate(tgt, drafter, prompts[j:j + R], n, policy, k, temperature, generators=gens,
+                                   sps=sps, temps=temps, threshold=conf_threshold)
+        a = acc.setdefault((R, policy, k), {})
+        for key, v in (("tokens", sum(len(r["ids"]) for r in res)), ("secs", tm["total_s"]),
+                       ("verified", sum(r["verified"] for r in res)), ("rounds", sum(len(r["rounds"]) for r in res)),
+                       ("committed", sum(c for r in res for _, _, c in r["rounds"]))):  # tau: per verify round
+            a[key] = a.get(key, 0) + v
     for p in POLICIES if runs else ():  # untimed warm-up of every path
-        decode_all(min(measure or [1]), p, K, 8, held[:min(measure or [1])])
-    measured = [dict(R=R, policy=p, drafts=k, **decode_all(R, p, k))
-                for R, p, k in tqdm(runs, desc="measured", dynamic_ncols=True)]
+        decode(min(measure or [1]), p, K, 0, 8)
+    acc.clear()
+    groups = [(R, j) for R in sorted({run[0] for run in runs}) for j in range(0, len(held), R)]
+    for R, j in tqdm(groups, desc="measured", dynamic_ncols=True):  # the policies take turns group by group, so a
+        for run in (run for run in runs if run[0] == R):            # machine that drifts in speed hits them alike
+            decode(*run, j)
+    measured = [dict(R=R, policy=p, drafts=k, tokens_per_s=a["tokens"] / a["secs"], mean_len=a["verified"] /
+                     max(a["rounds"], 1), tau=a["committed"] / max(a["rounds"], 1)) for (R, p, k), a in acc.items()]
     if measured:
         print(f"\nMEASURED (batched_generate, wall clock, drafting included; {len(held)} held-out prompts of {task}, "
               f"{max_new_tokens} new tokens, temperature {temperature}): aggregate tokens/s | tau | mean drafts "
@@ -547,7 +552,7 @@ if __name__ == "__main__":
             row = {m["policy"]: m for m in measured if m["R"] == R and m["drafts"] == K}
             print(f"{R:>5}" + "".join(f"{row[p]['tokens_per_s']:>9.1f} {row[p]['tau']:>4.2f} {row[p]['mean_len']:>4.1f} "
                                       f"({sim[R][p]['tokens_per_s']:>7.1f})" for p in POLICIES))
-        for m in measured[len(measure) * len(POLICIES):]:
+        for m in (m for m in measured if m["R"] == 1 and m["policy"] == "fixed" and m["drafts"] in fixed_lengths):
             print(f"R=1, fixed chains of {m['drafts']}: {m['tokens_per_s']:.1f} tokens/s, tau {m['tau']:.2f}")
     if out:
         write_json(out, dict(config=config, calibration=dict(temperatures=temps, heldout=cal_rows),
