@@ -549,7 +549,7 @@ class DFlash(DraftModel):
             raise ValueError(f"propose: k={k} must lie in [1, block_size={self.block_size}]")
         return self._chain(*self._block(state, anchor, k), anchor, k, temperature, top_k, top_p, generator)
 
-    def _chain(self, h, U, anchor, k, temperature, top_k, top_p, generator):
+    def _chain(self, h, U, anchor, k, temperature, top_k, top_p, generator):  # sample slot by slot from one block
         toks, probs, conf = [int(anchor)], [], []
         for _ in range(k):
             p = kernels.logits_to_probs(self.slot_logits(h, U, toks), temperature, top_k, top_p)  # [Vd]
@@ -567,7 +567,8 @@ class DFlash(DraftModel):
         dev, K, R = self.fc.weight.device, self.block_size, len(states)
         ctx = [tuple(torch.cat([s["kv"][i][j] for s in states]) for j in (0, 1)) for i in range(len(self.layers))]
         lens = torch.tensor([s["len"] for s in states], device=dev)
-        owner, qreq = torch.arange(R, device=dev).repeat_interleave(lens), torch.arange(R, device=dev).repeat_interleave(K)
+        req = torch.arange(R, device=dev)
+        owner, qreq = req.repeat_interleave(lens), req.repeat_interleave(K)  # context rows' and queries' request
         ids = torch.full((R, K), self.mask_token_id, dtype=torch.long, device=dev)
         ids[:, 0] = torch.as_tensor(anchors, device=dev)
         mask = torch.cat([owner[None] == qreq[:, None], qreq[:, None] == qreq[None]], 1)  # [R*K, S+R*K]

@@ -289,7 +289,8 @@ class Target:
     def forward(self, input_ids, cache=None, position_ids=None, attention_mask=None, tree=None, **kwargs):
         """Incremental step: input_ids [1,Q] -> (logits [1,Q,V] fp32, taps [1,Q,n*H], cache).
         tree [Q,Q] bool (tree[i, j]: token j is token i or its ancestor; parents first): verify a draft tree
-        in one forward, token i at position cached + depth_i seeing the cache and its ancestors."""
+        in one forward, token i at position cached + depth_i seeing the cache and its ancestors. ragged=(see, qpos,
+        kpos): a padded batch [R,Q] whose rows each see their own mask (scheduler.batched_generate)."""
         cache = DynamicCache() if cache is None else cache
         if tree is not None:
             register_attention(self.model)
