@@ -6,7 +6,7 @@ checkpoint format (+~30), resume guards (+15) and export.py (123), then review m
 Session 8 ran the paper's second half for real: batched decoding under four verify policies (scheduler.py +~190:
 batched_generate, the policies' inputs, the measured concurrency table), propose_batch (+19) and the round
 bookkeeping shared by both decoding loops (evaluate.py settle/check_match, --policy/--batch_size: +39): core
-2,598, total ~5,830."""
+2,599, total 5,837."""
 import glob
 import os
 
