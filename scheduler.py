@@ -296,17 +296,17 @@ def _rows(cache, idx, n):
 @torch.no_grad()
 def batched_generate(target, drafter, prompts, max_new_tokens=256, policy="fixed", num_drafts=0, temperature=0.0,
                      top_k=0, top_p=1.0, generators=None, sps=None, temps=None, threshold=0.5):
-    """prompts: R id tensors [T_r] -> (per request dict(ids, rounds, cut, verified, proposed), dict(total_s, draft_s,
+    """prompts: R id tensors [T_r] -> (per request dict(ids, rounds, cut, verified), dict(total_s, draft_s,
     verify_s) of the whole batch; prefills count in total_s only).
     ids are exactly plain decoding's at temperature 0 and follow the target's law above it (per request, with
     its own generator); rounds as speculative_generate's; policy "plain" = batched target-only decoding."""
-    K = num_drafts or drafter.proposal_length if policy != "plain" else 1
+    K = (num_drafts or drafter.proposal_length) if policy != "plain" else 1
     if policy in ("threshold", "scheduled") and not drafter.has_confidence:
         raise SystemExit(f"scheduler: policy {policy} needs a DSpark drafter with a confidence head")
     eos, dev, R = target.eos_token_ids, target.device, len(prompts)
     warp, gens = dict(temperature=temperature, top_k=top_k, top_p=top_p), generators or [None] * R
     t0 = _clock(dev)
-    caches, states, res = [], [], [dict(ids=[], rounds=[], cut=0, verified=0, proposed=0) for _ in range(R)]
+    caches, states, res = [], [], [dict(ids=[], rounds=[], cut=0, verified=0) for _ in range(R)]
     for r, ids in enumerate(prompts):  # prefill one by one (ragged lengths), then one padded batch cache
         logits, taps, c = target.forward(ids[None].to(dev), logits_to_keep=1)
         res[r]["ids"].append(sample_token(logits[0, -1], generator=gens[r], **warp))
@@ -346,7 +346,7 @@ def batched_generate(target, drafter, prompts, max_new_tokens=256, policy="fixed
         tc = _clock(dev)
         keep = []
         for i, (r, n) in enumerate(zip(act, L)):
-            d, q, _ = props[i]
+            q = props[i][1]
             n_acc, bonus = verify_chain(logits[i, :n + 1], ids[i, 1:n + 1].to(dev), q[:n], generator=gens[r], **warp)
             for layer in cache.layers:  # the anchor and the kept drafts move next to the request's cache
                 for t in (layer.keys, layer.values):
@@ -355,7 +355,6 @@ def batched_generate(target, drafter, prompts, max_new_tokens=256, policy="fixed
             res[r]["rounds"].append(rec)
             res[r]["cut"] += c
             res[r]["verified"] += n
-            res[r]["proposed"] += len(d)
             lens[r] += n_acc + 1
             if not done:
                 keep.append(i)
